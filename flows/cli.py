@@ -1,0 +1,187 @@
+"""The ``rlhf`` command line: ``run`` the pipeline, ``prepare`` the data (the DVC stage), ``validate`` a data file.
+
+Heavy libraries are imported inside the commands so ``rlhf --help`` stays fast (design principle 5).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The InstructGPT recipe as Prefect flows tracked in MLflow.")
+
+COMPARISON_FORMATS = {"hh_rlhf", "prompt_chosen_rejected", "kwise"}
+
+
+def _quiet_defaults() -> None:
+    """Environment defaults for a local run: Prefect's temporary server gets time to start, no telemetry."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@app.command()
+def run(
+    profile: str = typer.Option("demo", help="smoke (tiny model, minutes) | demo (SmolLM2-135M, <20 min on 2 CPU cores) | full (GPU worker)"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (DVC's params.yaml)"),
+    output_dir: Optional[Path] = typer.Option(None, help="where models and summary.json go (default runs/<profile>-<time>)"),
+    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+) -> None:
+    """Run the whole pipeline: validate → SFT → reward model → PPO → evaluate → register."""
+    _quiet_defaults()
+    from flows.config import load_config
+
+    console = _console()
+    cfg = load_config(config, profile, set_)
+    project_dir = config.resolve().parent
+    out = output_dir or Path("runs") / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not out.is_absolute():
+        out = project_dir / out
+    from flows.pipeline import rlhf_pipeline
+    from tasks.validate import ValidationFailed
+
+    console.print(f"[bold]rlhf-pipeline[/] profile={profile} model={cfg.model.base} output={out}")
+    start = time.time()
+    try:
+        summary = rlhf_pipeline(cfg, project_dir=str(project_dir), output_dir=str(out))
+    except ValidationFailed as exc:
+        console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
+        raise typer.Exit(2)
+    except Exception as exc:
+        console.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}\nsee {out / 'summary.json'}")
+        raise typer.Exit(1)
+    _print_summary(console, summary, out, time.time() - start)
+
+
+def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"rlhf-pipeline finished in {wall / 60:.1f} min (data version {summary['data'].get('version')})")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("key figures")
+    keys = {
+        "validate": ("rows_demonstrations", "rows_comparisons", "rows_prompts", "dropped_rows"),
+        "sft": ("train_loss", "eval_loss"),
+        "reward": ("accuracy", "accuracy_ci", "accuracy_shorter_baseline", "normalization_bias"),
+        "ppo": ("mean_reward_first", "mean_reward", "kl"),
+        "evaluate": ("win_rate_vs_sft", "win_rate_vs_sft_ci", "mean_reward_policy", "mean_reward_sft", "kl_to_sft"),
+    }
+    for stage, entry in summary["stages"].items():
+        metrics = entry.get("metrics", {})
+        figures = []
+        for key in keys.get(stage, ()):
+            value = metrics.get(key)
+            if isinstance(value, list):
+                figures.append(f"{key}=[{value[0]:.3f}, {value[1]:.3f}]")
+            elif isinstance(value, (int, float)):
+                figures.append(f"{key}={value:.4g}")
+        if "wall_s" in metrics:
+            figures.append(f"{metrics['wall_s']:.0f}s")
+        table.add_row(stage, entry["status"], "  ".join(figures))
+    console.print(table)
+    for model in summary.get("registered_models", []):
+        console.print(f"registered [bold]{model['name']}[/] version {model['version']} aliases {model['aliases']}")
+    uri = summary.get("tracking_uri", "")
+    console.print(
+        f"\nsummary: {out / 'summary.json'}\n"
+        f"MLflow:  mlflow ui --backend-store-uri {uri}   (parent run {summary['mlflow_parent_run_id']})\n"
+        f"Prefect: flow run {summary['prefect_flow_run_id']} (temporary server unless PREFECT_API_URL is set; "
+        "`prefect server start` keeps a dashboard)"
+    )
+
+
+@app.command()
+def prepare(
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+    strict: bool = typer.Option(False, help="fail on any malformed row instead of dropping it with a report"),
+) -> None:
+    """Ingest the configured sources, run the GX gate and write the prepared datasets (the DVC `prepare` stage)."""
+    _quiet_defaults()
+    from flows.config import load_config
+    from flows.pipeline import failure_file, prepare_data
+    from tasks.validate import ValidationFailed
+
+    console = _console()
+    cfg = load_config(config)
+    failure = failure_file(cfg)
+    failure.unlink(missing_ok=True)
+    try:
+        result = prepare_data(cfg, strict=strict)
+    except ValidationFailed as exc:
+        failure.parent.mkdir(parents=True, exist_ok=True)
+        failure.write_text(str(exc))
+        console.print(f"[bold red]data validation failed[/]\n{exc}")
+        raise typer.Exit(1)
+    console.print(f"prepared data version {result['version']}: {result['counts']}; "
+                  f"{len(result['dropped'])} malformed rows dropped (report: {result['report_path']})")
+
+
+@app.command()
+def validate(
+    data: Optional[Path] = typer.Option(None, help="one data file to check (default: the sources in the config)"),
+    kind: str = typer.Option("auto", help="comparisons | demonstrations | auto (from the file's rows)"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (budgets, split, policy)"),
+    strict: bool = typer.Option(False, help="fail on any malformed row (default: the config's policy)"),
+) -> None:
+    """Run the Great Expectations gate alone; exits non-zero when it fails, naming the rows and rules."""
+    _quiet_defaults()
+    from flows.config import SourceConfig, load_config
+    from flows.pipeline import token_counter
+    from tasks.data import DataError, detect_format, read_rows
+    from tasks.validate import ValidationFailed, run_validate
+
+    console = _console()
+    cfg = load_config(config) if config.exists() else None
+    if cfg is None:
+        console.print(f"[bold red]configuration file not found: {config}[/]")
+        raise typer.Exit(2)
+    data_cfg = cfg.data
+    if data is not None:
+        if not data.exists():
+            console.print(f"[bold red]data file not found: {data}[/]")
+            raise typer.Exit(2)
+        try:
+            if kind == "auto":
+                _, first = next(iter(read_rows(data)))
+                kind = "comparisons" if detect_format(first) in COMPARISON_FORMATS else "demonstrations"
+        except (DataError, StopIteration, ValueError) as exc:
+            console.print(f"[bold red]cannot read {data}: {exc}[/]")
+            raise typer.Exit(1)
+        source = SourceConfig(name=data.name, path=str(data.resolve()))
+        other = "demonstrations" if kind == "comparisons" else "comparisons"
+        data_cfg = data_cfg.model_copy(update={kind: [source], other: [],
+                                               "min_rows": {**data_cfg.min_rows, other: 0, "prompts": 0 if kind != "comparisons" else data_cfg.min_rows.get("prompts", 0)}})
+    try:
+        result = run_validate(data_cfg, count_tokens=token_counter(cfg), strict=strict)
+    except ValidationFailed as exc:
+        console.print(f"[bold red]validation failed[/]\n{exc}")
+        raise typer.Exit(1)
+    except DataError as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(1)
+    console.print(f"[green]validation passed[/]: {result['counts']}")
+    for row in result["dropped"]:
+        console.print(f"  dropped {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,123 @@
+"""The policy's side of a rollout: sampling responses and reading their per-token log-probabilities.
+
+A rollout batch is laid out as ``[query (left-padded) | response (right-padded)]``: every query ends at the same
+column ``P`` and every response starts there, so response token ``t`` is predicted by the logits at column ``P + t - 1``
+and the value of the state before it is read at the same column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.reward_model import pad_sequences, position_ids_from_mask
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled episodes.
+
+    Attributes:
+        input_ids: ``[B, P + R]`` query then response ids.
+        attention_mask: ``[B, P + R]`` 1 on real tokens.
+        query_length: ``P``, the padded query width.
+        response_mask: ``[B, R]`` 1 on response tokens up to and including the first EOS.
+        ended: ``[B]`` bool, whether the response ended with EOS (False: cut by the length limit).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    query_length: int
+    response_mask: torch.Tensor
+    ended: torch.Tensor
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """``[B, R]`` response ids (pad after EOS)."""
+        return self.input_ids[:, self.query_length :]
+
+
+@torch.no_grad()
+def sample_responses(
+    model,
+    tokenizer,
+    query_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollout:
+    """Sample one response per query with ``model.generate``; everything after a response's first EOS is padding.
+
+    Args:
+        query_ids: token ids of each chat prompt (already templated, generation prompt included).
+        max_new_tokens: response length limit R.
+        temperature, top_k, top_p: sampling settings (top_k 0 and top_p 1 disable them).
+
+    Returns:
+        a :class:`Rollout`.
+    """
+    device = next(model.parameters()).device
+    queries, query_mask = pad_sequences(query_ids, tokenizer.pad_token_id, side="left")
+    queries, query_mask = queries.to(device), query_mask.to(device)
+    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=1)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=top_p)
+    out = model.generate(
+        input_ids=queries,
+        attention_mask=query_mask,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **kwargs,
+    )
+    responses = out[:, queries.shape[1] :]
+    is_eos = responses == tokenizer.eos_token_id
+    # 1 up to and including the first EOS
+    after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_first_eos).long()
+    responses = responses.masked_fill(after_first_eos, tokenizer.pad_token_id)
+    ended = is_eos.any(1)
+    return Rollout(
+        input_ids=torch.cat([queries, responses], 1),
+        attention_mask=torch.cat([query_mask, response_mask], 1),
+        query_length=queries.shape[1],
+        response_mask=response_mask,
+        ended=ended,
+    )
+
+
+def response_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    query_length: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the response tokens under ``model`` (sampling temperature applied to the logits).
+
+    Args:
+        input_ids, attention_mask: ``[B, P + R]``.
+        query_length: ``P``.
+
+    Returns:
+        ``(logprobs [B, R], entropy [B, R] or None)`` in nats, float32. Gradients flow when called outside no_grad.
+    """
+    response_len = input_ids.shape[1] - query_length
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=response_len + 1,
+    )
+    logits = out.logits[:, :-1].float() / temperature  # [B, R, V]: column P-1+t predicts response token t
+    logp = torch.log_softmax(logits, dim=-1)
+    tokens = input_ids[:, query_length:]
+    logprobs = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy

@@ -1,0 +1,178 @@
+"""The reward model and the value model: a transformer backbone with a scalar head (InstructGPT §3.5, App. C.2, C.4).
+
+The reward model is the SFT model with its LM head replaced by a linear head to one scalar; the score of a
+(prompt, response) sequence is the head's output at the sequence's last real token (the response's EOS), found from the
+attention mask so it is right under left or right padding and when the pad token equals the EOS token. The value model
+is the same class initialised from the reward model, read at every token.
+
+Saved folders are transformers ``*ForSequenceClassification`` checkpoints (``num_labels=1``, safetensors), loadable
+with ``AutoModelForSequenceClassification``; the normalisation bias is stored in ``config.json`` as ``rlhf_reward_bias``.
+Note that transformers' own pooling picks the last non-pad token by id, which is wrong when pad == EOS: score through
+:meth:`ScalarHeadModel.score` here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], max_tokens: int | None = None) -> list[int]:
+    """Token ids of a chat prompt with the generation prompt (``<|im_start|>assistant\\n``) appended.
+
+    The template already starts with the BOS-like ``<|im_start|>``; no extra BOS is added. When the prompt is longer than
+    ``max_tokens`` its oldest tokens are dropped (left truncation keeps the latest turns).
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[-max_tokens:]
+    return ids
+
+
+def response_ids(tokenizer, response: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids of a response text closed with the EOS token (truncated responses keep their EOS)."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[: max_tokens - 1]
+    return list(ids) + [tokenizer.eos_token_id]
+
+
+def encode_pair(tokenizer, messages: list[dict], response: str, max_length: int) -> list[int]:
+    """Prompt + response ids within ``max_length``: the response keeps up to half the budget, the prompt the rest."""
+    resp = response_ids(tokenizer, response, max_tokens=max(2, max_length // 2))
+    prompt = chat_prompt_ids(tokenizer, messages, max_tokens=max_length - len(resp))
+    return prompt + resp
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists to ``[B, T]`` ``input_ids`` and ``attention_mask`` (1 = real token), on the ``left`` or ``right``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if side == "right":
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of the last position whose mask is 1 (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that start at 0 on each row's first real token (needed under left padding)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class ScalarHeadModel(nn.Module):
+    """A backbone with a linear head to one scalar per position: the reward model, and the value model.
+
+    Args:
+        seq_cls: a transformers ``*ForSequenceClassification`` model with ``num_labels == 1`` (its ``base_model`` is
+            the backbone, its ``score`` the head).
+        bias: added to every score (the RM's normalisation, App. C.2).
+    """
+
+    def __init__(self, seq_cls, bias: float = 0.0):
+        super().__init__()
+        self.seq_cls = seq_cls
+        self.register_buffer("bias", torch.tensor(float(bias)), persistent=False)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.seq_cls.base_model
+
+    @property
+    def head(self) -> nn.Module:
+        return self.seq_cls.score
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+        """Load from a causal-LM folder (new random head) or a saved scalar-head folder (head and bias restored)."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        config = AutoConfig.from_pretrained(str(path))
+        config.num_labels = 1
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = getattr(config, "eos_token_id", None)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from an LM checkpoint
+        try:
+            seq_cls = AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=dtype)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        bias = float(getattr(config, "rlhf_reward_bias", 0.0) or 0.0)
+        return cls(seq_cls, bias=bias).to(device)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` last hidden states of the backbone."""
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` scalar output at every position (the value model's V(s_t)); float32."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return self.head(hidden).squeeze(-1).float() + self.bias
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B]`` reward of each whole sequence, read at its last real token; float32."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(features).squeeze(-1).float() + self.bias
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` backbone features at the last real token (what the head reads); float32."""
+        hidden = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Save as a transformers sequence-classification folder (safetensors) with the bias in the config."""
+        self.seq_cls.config.rlhf_reward_bias = float(self.bias)
+        self.seq_cls.save_pretrained(str(path), safe_serialization=True)
+
+
+@torch.no_grad()
+def score_texts(
+    model: ScalarHeadModel,
+    tokenizer,
+    prompts: list[list[dict]],
+    responses: list[str],
+    max_length: int,
+    batch_size: int = 8,
+    features: bool = False,
+) -> torch.Tensor:
+    """Score (prompt, response) pairs with the reward model: ``[N]`` rewards, or ``[N, H]`` features if ``features``.
+
+    Sequences are sorted by length and batched to limit padding; the result is in input order.
+    """
+    device = next(model.parameters()).device
+    seqs = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_sequences([seqs[i] for i in idx], tokenizer.pad_token_id, side="right")
+        ids, mask = ids.to(device), mask.to(device)
+        values = model.features(ids, mask) if features else model.score(ids, mask)
+        for j, i in enumerate(idx):
+            out[i] = values[j].cpu()
+    return torch.stack(out)  # type: ignore[arg-type]

@@ -1,0 +1,129 @@
+"""Stage 4: does the PPO policy beat the SFT policy? (InstructGPT §4: win rate against a baseline on held-out prompts.)
+
+On held-out (test) prompts both policies sample one response each with the same settings; the reward model scores
+them. Reported: the win rate of PPO over SFT under the RM (ties count half) with a 95% Wilson interval, mean rewards,
+the KL of the PPO policy to SFT on its own samples (mean summed per-token ``log π − log π_sft``, nats), mean response
+lengths, and a table of samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from flows.config import Config
+from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
+from models.policy import response_logprobs, sample_responses
+from models.reward_model import ScalarHeadModel, chat_prompt_ids
+from tasks.common import MetricLogger, StageResult, batched, no_log, progress, seed_everything, wilson_interval
+from tasks.data import load_prepared
+
+
+def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> tuple[float, tuple[float, float]]:
+    """Fraction of prompts where ``challenger`` scores above ``baseline`` (ties count half), with a 95% Wilson interval.
+
+    Args:
+        challenger, baseline: ``[N]`` scores on the same prompts.
+    """
+    wins = float((challenger > baseline).sum()) + 0.5 * float((challenger == baseline).sum())
+    n = int(challenger.numel())
+    return wins / max(n, 1), wilson_interval(wins, n)
+
+
+def _last_user_turn(messages: list[dict]) -> str:
+    for message in reversed(messages):
+        if message["role"] == "user":
+            return message["content"]
+    return ""
+
+
+def run_evaluate(
+    config: Config,
+    prepared_dir: str | Path,
+    sft_model_path: str | Path,
+    policy_model_path: str | Path,
+    reward_model_path: str | Path,
+    output_dir: str | Path,
+    log: MetricLogger = no_log,
+) -> StageResult:
+    """Compare the PPO policy with the SFT policy on held-out prompts under the reward model.
+
+    Returns:
+        StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards) and metrics
+        ``win_rate_vs_sft``, ``win_rate_vs_sft_ci``, ``mean_reward_policy``, ``mean_reward_sft``, ``kl_to_sft``,
+        ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``wall_s``.
+
+    Raises:
+        ValueError: when there are no test prompts or the models do not share a tokenizer.
+    """
+    start = time.time()
+    cfg = config.evaluate
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.model.device)
+    dtype = default_dtype(device)
+    prompts = load_prepared(prepared_dir, "prompts", split="test")
+    if len(prompts) == 0:
+        raise ValueError(f"no test prompts in {prepared_dir}")
+    prompts = prompts.sample(n=min(cfg.num_prompts, len(prompts)), random_state=config.model.seed).sort_index()
+    tokenizer = load_tokenizer(policy_model_path)
+    assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
+    messages = [list(p) for p in prompts.prompt]
+    queries = [chat_prompt_ids(tokenizer, m, cfg.max_prompt_tokens) for m in messages]
+
+    sft = load_causal_lm(sft_model_path, device, dtype).eval()
+    policy = load_causal_lm(policy_model_path, device, dtype).eval()
+    reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval()
+
+    results = {"sft": {"scores": [], "lengths": [], "texts": []}, "policy": {"scores": [], "lengths": [], "texts": []}}
+    kls: list[torch.Tensor] = []
+    batches = batched(list(range(len(queries))), cfg.batch_size)
+    with torch.no_grad(), progress("evaluate", 2 * len(batches)) as advance:
+        for name, model in (("sft", sft), ("policy", policy)):
+            seed_everything(config.model.seed)  # both policies draw with the same random stream
+            for idx in batches:
+                rollout = sample_responses(
+                    model, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p
+                )
+                scores = reward_model.score(rollout.input_ids, rollout.attention_mask)
+                mask = rollout.response_mask.float()
+                results[name]["scores"].append(scores.cpu())
+                results[name]["lengths"].append(mask.sum(1).cpu())
+                results[name]["texts"] += tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+                if name == "policy":
+                    args = (rollout.input_ids, rollout.attention_mask, rollout.query_length, cfg.temperature)
+                    lp_policy, _ = response_logprobs(policy, *args)
+                    lp_sft, _ = response_logprobs(sft, *args)
+                    kls.append(((lp_policy - lp_sft) * mask).sum(1).cpu())
+                advance(1)
+
+    s_sft = torch.cat(results["sft"]["scores"])
+    s_pol = torch.cat(results["policy"]["scores"])
+    rate, (low, high) = win_rate(s_pol, s_sft)
+    metrics = {
+        "win_rate_vs_sft": rate,
+        "win_rate_vs_sft_ci": [low, high],
+        "mean_reward_policy": float(s_pol.mean()),
+        "mean_reward_sft": float(s_sft.mean()),
+        "kl_to_sft": float(torch.cat(kls).mean()),
+        "response_length_policy": float(torch.cat(results["policy"]["lengths"]).mean()),
+        "response_length_sft": float(torch.cat(results["sft"]["lengths"]).mean()),
+        "num_prompts": float(len(queries)),
+    }
+    samples_path = output_dir / "samples.jsonl"
+    with open(samples_path, "w") as fh:
+        for i, row in enumerate(prompts.itertuples()):
+            fh.write(json.dumps({
+                "id": row.id,
+                "prompt": _last_user_turn(messages[i]),
+                "sft_response": results["sft"]["texts"][i],
+                "policy_response": results["policy"]["texts"][i],
+                "sft_reward": float(s_sft[i]),
+                "policy_reward": float(s_pol[i]),
+            }) + "\n")
+    log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, float)}, 0)
+    metrics["wall_s"] = time.time() - start
+    return StageResult("evaluate", paths={"samples": str(samples_path)}, metrics=metrics)

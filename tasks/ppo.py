@@ -1,0 +1,227 @@
+"""Stage 3: PPO against the reward model with a per-token KL penalty to the SFT model (InstructGPT §3.5
+"Reinforcement learning", App. C.4; Stiennon et al. 2020; Ziegler et al. 2019).
+
+One PPO step, in the order a reader expects (CleanRL-style, one function per phase):
+
+1. **Rollout**: sample a batch of train prompts and one response each from the policy (temperature 1, no top-k/top-p).
+2. **Score**: the RM scores each full response (read at its EOS token); log-probabilities of the response tokens under
+   the policy and the frozen reference (SFT) model; values from the value model (initialised from the RM).
+3. **Rewards**: ``r_t = −β·(log π(a_t) − log π_ref(a_t))`` per token, plus the RM score on the last token
+   (:func:`models.losses.per_token_kl_rewards`); a response cut by the length limit optionally gets a penalty instead of
+   its score.
+4. **Advantages**: GAE with γ = 1 (:func:`models.losses.gae`), whitened over the batch.
+5. **Update**: ``ppo_epochs`` passes over shuffled minibatches with the clipped policy loss and the clipped value loss
+   (:func:`models.losses.ppo_policy_loss`, :func:`models.losses.ppo_value_loss`).
+
+Policy and value model are separate networks with their own optimisers, as in the paper (a 6B value function for the
+175B policy). Runs on CUDA in bf16 and on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from flows.config import Config, PPOConfig
+from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
+from models.losses import gae, masked_mean, masked_var, masked_whiten, per_token_kl_rewards, ppo_policy_loss, ppo_value_loss
+from models.policy import Rollout, response_logprobs, sample_responses
+from models.reward_model import ScalarHeadModel, chat_prompt_ids
+from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything
+from tasks.data import load_prepared
+
+
+@torch.no_grad()
+def score_rollout(rollout: Rollout, policy, reference, value_model, reward_model, cfg: PPOConfig) -> dict[str, torch.Tensor]:
+    """Phase 2 and 3: everything the update needs, computed once without gradients.
+
+    Returns a dict of ``[B, R]`` tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and
+    ``[B]`` tensors ``scores`` (RM score, before any penalty).
+    """
+    ids, attn, p = rollout.input_ids, rollout.attention_mask, rollout.query_length
+    mask = rollout.response_mask.float()
+    logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
+    ref_logprobs, _ = response_logprobs(reference, ids, attn, p, cfg.temperature)
+    values = value_model.values(ids, attn)[:, p - 1 : -1]
+    scores = reward_model.score(ids, attn)
+    penalised = scores.clone()
+    if cfg.missing_eos_penalty is not None:
+        penalised = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+    rewards, kl = per_token_kl_rewards(penalised, logprobs, ref_logprobs, mask, cfg.kl_coef)
+    return {
+        "logprobs": logprobs * mask,
+        "ref_logprobs": ref_logprobs * mask,
+        "values": values * mask,
+        "rewards": rewards,
+        "kl": kl,
+        "mask": mask,
+        "scores": scores,
+    }
+
+
+def ppo_update(
+    rollout: Rollout,
+    batch: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    policy,
+    value_model,
+    policy_opt: torch.optim.Optimizer,
+    value_opt: torch.optim.Optimizer,
+    cfg: PPOConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Phase 5: ``ppo_epochs`` passes of minibatch updates; returns the mean of each statistic over minibatches."""
+    n = rollout.input_ids.shape[0]
+    stats: dict[str, list[float]] = {}
+    policy.train()
+    value_model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.mini_batch_size):
+            idx = order[start : start + cfg.mini_batch_size].to(rollout.input_ids.device)
+            ids, attn, p = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.query_length
+            mask = batch["mask"][idx]
+            logprobs, entropy = response_logprobs(policy, ids, attn, p, cfg.temperature, with_entropy=True)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, batch["logprobs"][idx], advantages[idx], mask, cfg.clip_range)
+            values = value_model.values(ids, attn)[:, p - 1 : -1]
+            vf_loss, vf_stats = ppo_value_loss(values, batch["values"][idx], returns[idx], mask, cfg.clip_range_value)
+
+            policy_opt.zero_grad()
+            pg_loss.backward()
+            pg_grad = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            policy_opt.step()
+            value_opt.zero_grad()
+            (cfg.vf_coef * vf_loss).backward()
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+            value_opt.step()
+
+            for key, value in {
+                "policy_loss": pg_loss,
+                "value_loss": vf_loss,
+                "entropy": masked_mean(entropy.detach(), mask),
+                "grad_norm": pg_grad,
+                **pg_stats,
+                **vf_stats,
+            }.items():
+                stats.setdefault(key, []).append(float(value))
+    policy.eval()
+    value_model.eval()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 − Var[R − V] / Var[R]`` over the masked tokens (1 is perfect, ≤ 0 is no better than a constant)."""
+    var_returns = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+def run_ppo(
+    config: Config,
+    prepared_dir: str | Path,
+    sft_model_path: str | Path,
+    reward_model_path: str | Path,
+    output_dir: str | Path,
+    log: MetricLogger = no_log,
+) -> StageResult:
+    """Train the policy with PPO from the SFT model against the reward model; save it to ``output_dir/model``.
+
+    Args:
+        config: ``config.ppo`` and ``config.model``.
+        prepared_dir: folder with ``prompts.parquet`` (train prompts are used).
+        sft_model_path: initialises the policy and the frozen reference model.
+        reward_model_path: the RM (frozen) and the value model's initialisation.
+        output_dir: where the policy is saved.
+        log: receives the ``ppo/*`` step metrics (score, kl, reward, entropy, approx_kl, clipfrac, value_loss,
+            policy_loss, explained_variance, response_length, learning_rate...).
+
+    Returns:
+        StageResult with ``paths.model`` and metrics ``kl`` (mean summed per-token KL to the reference over the last
+        step, nats), ``mean_reward`` (mean RM score of the last step's rollouts), ``mean_reward_first`` (the same at step
+        1), ``mean_total_reward``, ``response_length``, ``episodes``, ``steps``, ``wall_s``.
+
+    Raises:
+        ValueError: when policy and reward model do not share a tokenizer, or there are no train prompts.
+    """
+    start = time.time()
+    cfg = config.ppo
+    output_dir = Path(output_dir)
+    seed_everything(config.model.seed)
+    device = resolve_device(config.model.device)
+    dtype = default_dtype(device)
+
+    tokenizer = load_tokenizer(sft_model_path)
+    assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
+    prompts = load_prepared(prepared_dir, "prompts", split="train")
+    if len(prompts) == 0:
+        raise ValueError(f"no train prompts in {prepared_dir}")
+    queries = [chat_prompt_ids(tokenizer, list(p), cfg.max_prompt_tokens) for p in prompts.prompt]
+
+    policy = load_causal_lm(sft_model_path, device, dtype)
+    reference = load_causal_lm(sft_model_path, device, dtype).eval().requires_grad_(False)
+    reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval().requires_grad_(False)
+    value_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype)
+    policy.eval()
+    value_model.eval()
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
+    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
+
+    generator = torch.Generator().manual_seed(config.model.seed)
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    with progress("PPO", cfg.steps) as advance:
+        for step in range(1, cfg.steps + 1):
+            while len(order) < cfg.batch_size:
+                order += torch.randperm(len(queries), generator=generator).tolist()
+            picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
+
+            rollout = sample_responses(
+                policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+            )
+            batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg)
+            advantages, returns = gae(batch["rewards"], batch["values"], batch["mask"], cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                advantages = masked_whiten(advantages, batch["mask"])
+            update = ppo_update(rollout, batch, advantages, returns, policy, value_model, policy_opt, value_opt, cfg, generator)
+
+            mask = batch["mask"]
+            figures = {
+                "ppo/score": float(batch["scores"].mean()),
+                "ppo/kl": float(batch["kl"].sum(1).mean()),
+                "ppo/reward": float(batch["rewards"].sum(1).mean()),
+                "ppo/response_length": float(mask.sum(1).mean()),
+                "ppo/ended_with_eos": float(rollout.ended.float().mean()),
+                "ppo/advantage_mean": float(masked_mean(advantages, mask)),
+                "ppo/value_mean": float(masked_mean(batch["values"], mask)),
+                "ppo/explained_variance": explained_variance(batch["values"], returns, mask),
+                "ppo/learning_rate": policy_opt.param_groups[0]["lr"],
+                **{f"ppo/{k}": v for k, v in update.items()},
+            }
+            history.append(figures)
+            log(figures, step)
+            advance(1, score=figures["ppo/score"], kl=figures["ppo/kl"], clip=figures["ppo/clipfrac"])
+
+    model_dir = output_dir / "model"
+    (output_dir / "history.json").parent.mkdir(parents=True, exist_ok=True)
+    (output_dir / "history.json").write_text(json.dumps(history, indent=1))
+    policy.to(torch.float32).save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    last, first = history[-1], history[0]
+    metrics = {
+        "kl": last["ppo/kl"],
+        "mean_reward": last["ppo/score"],
+        "mean_reward_first": first["ppo/score"],
+        "mean_total_reward": last["ppo/reward"],
+        "response_length": last["ppo/response_length"],
+        "clipfrac": last["ppo/clipfrac"],
+        "approx_kl": last["ppo/approx_kl"],
+        "episodes": float(cfg.steps * cfg.batch_size),
+        "steps": float(cfg.steps),
+        "wall_s": time.time() - start,
+    }
+    return StageResult("ppo", paths={"model": str(model_dir), "history": str(output_dir / "history.json")},
+                       metrics=metrics)

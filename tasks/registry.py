@@ -1,0 +1,108 @@
+"""MLflow model logging and registry calls: the policy and the reward model as MLflow models, registered with aliases.
+
+Each model is logged as an MLflow ``pyfunc`` model whose artifact ``model/`` is the transformers folder
+(safetensors + tokenizer), so it loads both ways: ``mlflow.pyfunc.load_model("models:/rlhf-policy@champion")`` and
+``AutoModelForCausalLM.from_pretrained(<downloaded artifact>/artifacts/model)``. Registry stages are deprecated in
+MLflow 3: versions carry the aliases ``challenger`` (every new version) and ``champion`` (the first version ever; later
+promotions move it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PIP_REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors", "pandas"]
+
+
+class PolicyModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of a policy: ``predict(DataFrame[prompt]) -> list[str]`` (greedy, 64 new tokens)."""
+
+    def load_context(self, context):
+        from models.loading import load_causal_lm, load_tokenizer, resolve_device
+
+        path = context.artifacts["model"]
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_causal_lm(path, resolve_device("auto")).eval()
+
+    def predict(self, context, model_input, params=None):
+        from models.policy import sample_responses
+        from models.reward_model import chat_prompt_ids
+
+        prompts = list(model_input["prompt"])
+        queries = [chat_prompt_ids(self.tokenizer, [{"role": "user", "content": p}], 512) for p in prompts]
+        max_new = int((params or {}).get("max_new_tokens", 64))
+        rollout = sample_responses(self.model, self.tokenizer, queries, max_new, do_sample=False)
+        return self.tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+
+
+class RewardModelPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper of the reward model: ``predict(DataFrame[prompt, response]) -> list[float]`` (normalised scores)."""
+
+    def load_context(self, context):
+        from models.loading import load_tokenizer, resolve_device
+        from models.reward_model import ScalarHeadModel
+
+        path = context.artifacts["model"]
+        self.tokenizer = load_tokenizer(path)
+        self.model = ScalarHeadModel.from_pretrained(path, resolve_device("auto")).eval()
+
+    def predict(self, context, model_input, params=None):
+        from models.reward_model import score_texts
+
+        prompts = [[{"role": "user", "content": p}] for p in model_input["prompt"]]
+        return score_texts(self.model, self.tokenizer, prompts, list(model_input["response"]), 1024).tolist()
+
+
+def log_and_register(
+    model_dir: str | Path,
+    kind: str,
+    registered_name: str,
+    tags: dict[str, str],
+) -> dict:
+    """Log ``model_dir`` as a pyfunc model in the active MLflow run and register a new version of ``registered_name``.
+
+    The new version gets the alias ``challenger``; if the registered model has no ``champion`` yet (first version ever),
+    it gets ``champion`` too. ``tags`` are set on the version (data version, git commit, params hash, runs...).
+
+    Args:
+        model_dir: transformers folder (safetensors) written by a stage.
+        kind: ``policy`` or ``reward_model``.
+
+    Returns:
+        ``{"name", "version", "aliases", "model_uri"}``.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` holds no safetensors weights (nothing is logged or registered).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    model_dir = Path(model_dir)
+    if not list(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}; refusing to register {registered_name}")
+    wrapper = PolicyModel() if kind == "policy" else RewardModelPyfunc()
+    info = mlflow.pyfunc.log_model(
+        name=kind,
+        python_model=wrapper,
+        artifacts={"model": str(model_dir)},
+        pip_requirements=PIP_REQUIREMENTS,
+        tags=tags,
+    )
+    client = MlflowClient()
+    try:
+        client.get_registered_model(registered_name)
+    except MlflowException:
+        client.create_registered_model(registered_name, description=f"InstructGPT-recipe {kind} (rlhf-pipeline)")
+    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    aliases = [CHALLENGER]
+    client.set_registered_model_alias(registered_name, CHALLENGER, version.version)
+    try:
+        client.get_model_version_by_alias(registered_name, CHAMPION)
+    except MlflowException:
+        client.set_registered_model_alias(registered_name, CHAMPION, version.version)
+        aliases.append(CHAMPION)
+    return {"name": registered_name, "version": int(version.version), "aliases": aliases, "model_uri": info.model_uri}

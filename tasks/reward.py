@@ -1,0 +1,258 @@
+"""Stage 2: the reward model, trained on ranked comparisons (InstructGPT §3.5 "Reward modeling", App. C.2).
+
+The RM starts from the SFT model with its LM head replaced by a scalar head and is trained with the ranking loss
+(:func:`models.losses.ranking_loss`) over all C(K,2) pairs of each prompt. Three modes (``reward.mode``):
+
+- ``full``: fine-tune backbone and head (the paper; the GPU default).
+- ``top_layers``: fine-tune only the top ``reward.top_layers`` transformer blocks, the final norm and the head.
+- ``head``: freeze the backbone, read its last-token features once, and fit the linear head by L2-regularised
+  ranking loss (a logistic regression on feature differences, solved with L-BFGS). On 2 CPU cores this buys the most
+  accuracy per minute (measured in the design: ~64% vs ~54% for fine-tuning in the same time).
+
+After training a bias is set so that the mean score of the SFT demonstrations is 0 (App. C.2), stored with the model.
+Held-out accuracy is reported with a 95% Wilson interval next to the trivial baseline "the shorter reply wins".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from flows.config import Config
+from models.loading import default_dtype, load_tokenizer, resolve_device
+from models.losses import ranking_accuracy, ranking_loss
+from models.reward_model import ScalarHeadModel, encode_pair, pad_sequences, score_texts
+from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything, wilson_interval
+from tasks.data import load_prepared
+
+
+def shorter_wins_accuracy(responses: list[list[str]]) -> float:
+    """Accuracy of the rule "the shorter reply wins" on comparisons ranked best first (ties count half).
+
+    Args:
+        responses: per comparison, the K responses best first; every pair (w, l) counts once.
+    """
+    correct = total = 0.0
+    for row in responses:
+        for w in range(len(row)):
+            for l in range(w + 1, len(row)):
+                a, b = len(row[w]), len(row[l])
+                correct += 1.0 if a < b else 0.5 if a == b else 0.0
+                total += 1
+    return correct / total if total else float("nan")
+
+
+def _select(frame, n: int | None, seed: int):
+    if n is not None and len(frame) > n:
+        return frame.sample(n=n, random_state=seed).sort_index()
+    return frame
+
+
+def fit_linear_head(
+    chosen_feats: torch.Tensor, rejected_feats: torch.Tensor, l2: float, max_iter: int = 200
+) -> torch.Tensor:
+    """Fit ``w`` minimising ``mean(-log σ(w·(f_w − f_l))) + l2/N · ||w||²`` on standardised features (L-BFGS).
+
+    This is the ranking loss for K = 2 with a linear head on frozen features.
+
+    Args:
+        chosen_feats, rejected_feats: ``[N, H]`` features of the preferred and the other response.
+        l2: ridge strength.
+
+    Returns:
+        ``[H]`` weights for the raw (unstandardised) features, float32.
+    """
+    feats = torch.cat([chosen_feats, rejected_feats]).double()
+    scale = feats.std(0).clamp(min=1e-6)
+    diff = (chosen_feats.double() - rejected_feats.double()) / scale
+    w = torch.zeros(diff.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    n = diff.shape[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = -torch.nn.functional.logsigmoid(diff @ w).mean() + l2 / n * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (w.detach() / scale).float()
+
+
+def _train_finetune(
+    model: ScalarHeadModel, tokenizer, train, config: Config, log: MetricLogger
+) -> dict[str, float]:
+    """Fine-tune (all or the top layers) with the ranking loss; one batch element = all K responses of one prompt."""
+    cfg = config.reward
+    if cfg.mode == "top_layers":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = model.backbone.layers
+        for layer in list(layers)[-cfg.top_layers :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        for module in (model.backbone.norm, model.head):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    rows = list(train.itertuples())
+    steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
+    device = next(model.parameters()).device
+    model.train()
+    losses, accs, step = [], [], 0
+    generator = torch.Generator().manual_seed(config.model.seed)
+    with progress("reward model", total) as advance:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(rows), generator=generator).tolist()
+            for start in range(0, len(order), cfg.batch_size):
+                batch = [rows[i] for i in order[start : start + cfg.batch_size]]
+                k = max(len(r.responses) for r in batch)
+                seqs = []
+                for r in batch:
+                    resp = list(r.responses) + [r.responses[-1]] * (k - len(r.responses))
+                    seqs += [encode_pair(tokenizer, list(r.prompt), text, cfg.max_length) for text in resp]
+                ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="right")
+                rewards = model.score(ids.to(device), mask.to(device)).view(len(batch), k)
+                num = torch.tensor([len(r.responses) for r in batch], device=device)
+                loss = ranking_loss(rewards, num)
+                optimizer.zero_grad()
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                acc = float(ranking_accuracy(rewards.detach()).mean())
+                losses.append(float(loss))
+                accs.append(acc)
+                log({"reward/loss": float(loss), "reward/accuracy": acc, "reward/grad_norm": grad_norm,
+                     "reward/learning_rate": scheduler.get_last_lr()[0]}, step)
+                advance(1, loss=float(loss), acc=acc)
+    model.eval()
+    return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step)}
+
+
+def run_reward(
+    config: Config,
+    prepared_dir: str | Path,
+    sft_model_path: str | Path,
+    output_dir: str | Path,
+    log: MetricLogger = no_log,
+) -> StageResult:
+    """Train the reward model from the SFT model on train comparisons; evaluate on held-out (test) comparisons.
+
+    Args:
+        config: ``config.reward`` and ``config.model``.
+        prepared_dir: folder with ``comparisons.parquet`` and ``demonstrations.parquet``.
+        sft_model_path: the SFT model folder.
+        output_dir: the RM is saved to ``output_dir/model``.
+        log: receives ``reward/loss``, ``reward/accuracy``, ``reward/grad_norm`` per step.
+
+    Returns:
+        StageResult with ``paths.model`` and metrics ``accuracy`` (held-out pairwise accuracy), ``accuracy_ci``
+        (95% Wilson ``[low, high]``), ``accuracy_shorter_baseline``, ``eval_pairs``, ``train_pairs``, ``train_loss``,
+        ``train_accuracy``, ``normalization_bias``, ``mean_score_chosen``, ``mean_score_rejected``, ``wall_s``.
+
+    Raises:
+        ValueError: when there are no train or no held-out comparisons.
+    """
+    start = time.time()
+    cfg = config.reward
+    output_dir = Path(output_dir)
+    seed_everything(config.model.seed)
+    device = resolve_device(config.model.device)
+    train = _select(load_prepared(prepared_dir, "comparisons", split="train"), cfg.max_train_pairs, config.model.seed)
+    held_out = _select(load_prepared(prepared_dir, "comparisons", split="test"), cfg.max_eval_pairs, config.model.seed)
+    if len(train) == 0 or len(held_out) == 0:
+        raise ValueError(f"need train and test comparisons in {prepared_dir}: got {len(train)} and {len(held_out)}")
+
+    tokenizer = load_tokenizer(sft_model_path)
+    model = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device))
+    model.eval()
+    metrics: dict[str, float | list] = {"train_pairs": float(len(train)), "eval_pairs": float(len(held_out))}
+
+    def flat(frame):
+        prompts, texts = [], []
+        for r in frame.itertuples():
+            for text in r.responses:
+                prompts.append(list(r.prompt))
+                texts.append(text)
+        return prompts, texts
+
+    def per_row(values: torch.Tensor, frame) -> list[torch.Tensor]:
+        out, i = [], 0
+        for r in frame.itertuples():
+            out.append(values[i : i + len(r.responses)])
+            i += len(r.responses)
+        return out
+
+    if cfg.mode == "head":
+        with torch.no_grad():
+            prompts, texts = flat(train)
+            feats = _features_with_progress(model, tokenizer, prompts, texts, cfg.max_length, cfg.batch_size, "RM features (train)")
+            rows = per_row(feats, train)
+            # every ranked pair (w above l) of each prompt becomes one difference
+            chosen = torch.stack([r[w] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
+            rejected = torch.stack([r[l] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
+            weight = fit_linear_head(chosen, rejected, cfg.head_l2)
+            model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
+            margins = (chosen - rejected) @ weight
+            train_loss = float(-torch.nn.functional.logsigmoid(margins).mean())
+            metrics.update(train_loss=train_loss, train_accuracy=float((margins > 0).float().mean()), steps=1.0)
+            log({"reward/loss": train_loss, "reward/accuracy": metrics["train_accuracy"]}, 1)
+    else:
+        metrics.update(_train_finetune(model, tokenizer, train, config, log))
+
+    with torch.no_grad():
+        prompts, texts = flat(held_out)
+        scores = _scores_with_progress(model, tokenizer, prompts, texts, cfg.max_length, cfg.batch_size, "RM eval (held-out)")
+        rows = per_row(scores, held_out)
+        correct = sum(float(ranking_accuracy(r.view(1, -1))[0]) for r in rows)
+        accuracy = correct / len(rows)
+        low, high = wilson_interval(correct, len(rows))
+        metrics.update(
+            accuracy=accuracy,
+            accuracy_ci=[low, high],
+            accuracy_shorter_baseline=shorter_wins_accuracy([list(r.responses) for r in held_out.itertuples()]),
+            mean_score_chosen=float(torch.stack([r[0] for r in rows]).mean()),
+            mean_score_rejected=float(torch.stack([r[-1] for r in rows]).mean()),
+        )
+        bias = 0.0
+        if cfg.normalize:
+            demos = load_prepared(prepared_dir, "demonstrations", split="train").head(64)
+            demo_scores = score_texts(model, tokenizer, [list(p) for p in demos.prompt], list(demos.response),
+                                      cfg.max_length, cfg.batch_size)
+            bias = -float(demo_scores.mean())
+            model.bias.fill_(float(model.bias) + bias)
+        metrics["normalization_bias"] = float(model.bias)
+    log({"reward/eval_accuracy": accuracy}, int(metrics.get("steps", 1)))
+
+    model_dir = output_dir / "model"
+    model.to(torch.float32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    metrics["wall_s"] = time.time() - start
+    return StageResult("reward", paths={"model": str(model_dir)}, metrics=metrics)
+
+
+def _chunks_with_progress(fn, model, tokenizer, prompts, texts, max_length, batch_size, description):
+    chunk = max(batch_size * 4, 16)
+    out = []
+    with progress(description, len(texts)) as advance:
+        for i in range(0, len(texts), chunk):
+            out.append(fn(model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk], max_length, batch_size))
+            advance(len(texts[i : i + chunk]))
+    return torch.cat(out)
+
+
+def _features_with_progress(model, tokenizer, prompts, texts, max_length, batch_size, description):
+    fn = lambda m, t, p, x, ml, bs: score_texts(m, t, p, x, ml, bs, features=True)  # noqa: E731
+    return _chunks_with_progress(fn, model, tokenizer, prompts, texts, max_length, batch_size, description)
+
+
+def _scores_with_progress(model, tokenizer, prompts, texts, max_length, batch_size, description):
+    return _chunks_with_progress(score_texts, model, tokenizer, prompts, texts, max_length, batch_size, description)

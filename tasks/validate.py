@@ -1,0 +1,470 @@
+"""The data gate: Great Expectations (GX 1.x) suites over the canonical datasets, run before any training.
+
+One expectation suite per canonical dataset, run on a flat pandas frame derived from it (``prompt_text``,
+``response`` / ``response_0..K-1``, token counts, ...) in an ephemeral GX context. Expectations:
+
+- table: row count at least ``config.min_rows[dataset]`` (``ExpectTableRowCountToBeBetween``);
+- rows: unique ``id``; non-empty prompt, prompt turns and responses (``ExpectColumnValueLengthsToBeBetween`` /
+  ``ExpectColumnValuesToBeBetween`` on stripped texts); the prompt ends with a user turn; a known split; for comparisons
+  at least two responses, all different (``ExpectSelectColumnValuesToBeUniqueWithinRecord``: chosen != rejected) and no
+  duplicate comparison (``ExpectCompoundColumnsToBeUnique`` on prompt_text + response_0 + response_1);
+- budgets: prompt tokens <= ``config.max_prompt_tokens`` and response tokens <= ``config.max_response_tokens``. Token
+  counts come from ``count_tokens`` (e.g. the model's tokenizer) or, when it is None, from a ``ceil(len(text) / 4)``
+  estimate (the report says which). Budgets are checked with ``mostly=0.99``: the trainers truncate to their own
+  ``max_length``, so a few long rows (the real data has 3 comparisons and 2 demonstrations over the defaults by the
+  estimate) are listed as warnings and kept; more than 1% over budget fails the gate (the budget or the data is wrong).
+
+Decision (``run_validate``): malformed rows -- rows ingestion could not parse and rows failing a row-level
+expectation -- are dropped with a report (which row, id, rule), because real collected data has a few (the HH-RLHF
+harmless sample has 8 of 2,000: 0.4%), unless their fraction of a dataset exceeds ``config.max_invalid_fraction``
+(default 2%), the policy is ``invalid_rows: fail``, or ``strict=True``; then :class:`ValidationFailed` stops the run.
+Of duplicate rows the first (in source order) is kept. After dropping, the suites run again on the kept rows and must
+pass; table-level failures (too few rows, budgets broken by more than 1% of rows) always fail.
+Reports carry ids, source rows and rule names, never the rows' text (the comparison data is red-teaming text).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import pandas as pd
+
+from tasks.data import (
+    DATASETS,
+    IngestResult,
+    data_version,
+    frames_version,
+    ingest,
+    prompts_from_comparisons,
+    render_prompt_text,
+    write_prepared,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flows.config import DataConfig
+
+logger = logging.getLogger(__name__)
+
+#: Fraction of rows that must be within the token budgets (the rest are warnings, kept and truncated by the trainers).
+BUDGET_MOSTLY = 0.99
+ESTIMATE_NOTE = "estimated as ceil(len(text) / 4) characters per token (no tokenizer given)"
+_INDEX_COLUMNS = ["id", "source", "source_row"]
+_MAX_LISTED = 50
+
+
+class ValidationFailed(RuntimeError):
+    """The data gate failed. ``report`` (dict) holds the validation results and the failing / dropped rows; the message
+    lists which rows (source, row number, id) failed which rule or expectation, never their text."""
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report if report is not None else {}
+
+
+@dataclass
+class ValidationReport:
+    """Results of the suites.
+
+    Attributes:
+        success: every suite passed.
+        datasets: ``name -> {"success", "evaluated" (expectations run), "rows", "failed": [failure...],
+            "warnings": [failure...]}``; a failure is ``{"expectation" (GX class name), "column", "level" ("row" or
+            "table"), "row_ids", "source_rows", "sources", "unexpected_count", "observed_value"}``. Warnings are
+            soft (``mostly``) expectations that passed with some rows outside.
+        token_counter: how token counts were obtained.
+    """
+
+    success: bool
+    datasets: dict[str, dict] = field(default_factory=dict)
+    token_counter: str = ESTIMATE_NOTE
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable copy."""
+        return {"success": self.success, "token_counter": self.token_counter, "datasets": self.datasets}
+
+    def format_failures(self) -> str:
+        """Human-readable failures: dataset, expectation, column and the failing ids / source rows (no text)."""
+        lines = []
+        for name, result in self.datasets.items():
+            for failure in result["failed"]:
+                lines.append(f"{name}: {_describe(failure)}")
+        return "\n".join(lines) if lines else "all expectations passed"
+
+
+def _describe(failure: dict) -> str:
+    column = failure.get("column")
+    column = ", ".join(column) if isinstance(column, list) else column
+    text = f"{failure['expectation']}" + (f" [{column}]" if column else "")
+    if failure.get("level") == "table" and failure.get("observed_value") is not None:
+        text += f": observed {failure['observed_value']}"
+        if failure.get("expected"):
+            text += f", expected {failure['expected']}"
+    if failure.get("exception"):
+        text += f": error {failure['exception']}"
+    rows = list(zip(failure.get("sources") or [], failure.get("source_rows") or [], failure.get("row_ids") or []))
+    if rows:
+        shown = ", ".join(f"{src} row {row} (id {rid})" if row is not None and row >= 0 else f"{src} (id {rid})"
+                          for src, row, rid in rows[:_MAX_LISTED])
+        more = f" and {len(rows) - _MAX_LISTED} more" if len(rows) > _MAX_LISTED else ""
+        text += f": {failure.get('unexpected_count', len(rows))} rows: {shown}{more}"
+    return text
+
+
+# --------------------------------------------------------------------------------------------------------- flat frame
+
+
+def _estimate_tokens(text: str) -> int:
+    return math.ceil(len(text) / 4)
+
+
+def _as_list(value: Any) -> list:
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    return list(value) if value is not None else []
+
+
+def flat_frame(name: str, frame: pd.DataFrame, count_tokens: Callable[[str], int] | None = None) -> pd.DataFrame:
+    """The flat frame a suite runs on: ``id``, ``source``, ``source_row`` (``-1`` for prompts), ``split``,
+    ``prompt_text`` (``render_prompt_text``), ``n_turns``, ``min_turn_chars``, ``last_prompt_role``,
+    ``n_prompt_tokens`` and, by dataset, ``response`` or ``n_responses`` + ``response_0..K-1`` (``None`` beyond a
+    row's K), plus ``n_response_tokens`` (the longest response). Texts are stripped."""
+    count = count_tokens or _estimate_tokens
+    rows = []
+    for record in frame.to_dict(orient="records"):
+        messages = [dict(m) for m in _as_list(record["prompt"])]
+        prompt_text = render_prompt_text(messages).strip()
+        flat: dict[str, Any] = {
+            "id": record["id"],
+            "source": record["source"],
+            "source_row": int(record.get("source_row", -1)),
+            "split": record["split"],
+            "prompt_text": prompt_text,
+            "n_turns": len(messages),
+            "min_turn_chars": min((len(str(m["content"]).strip()) for m in messages), default=0),
+            "last_prompt_role": messages[-1]["role"] if messages else None,
+            "n_prompt_tokens": int(count(prompt_text)),
+        }
+        if name == "demonstrations":
+            flat["response"] = str(record["response"]).strip()
+            flat["n_response_tokens"] = int(count(flat["response"]))
+        elif name == "comparisons":
+            responses = [str(r).strip() for r in _as_list(record["responses"])]
+            flat["n_responses"] = len(responses)
+            for i, response in enumerate(responses):
+                flat[f"response_{i}"] = response
+            flat["n_response_tokens"] = max((int(count(r)) for r in responses), default=0)
+        rows.append(flat)
+    columns = ["id", "source", "source_row", "split", "prompt_text", "n_turns", "min_turn_chars", "last_prompt_role",
+               "n_prompt_tokens"]
+    if name == "demonstrations":
+        columns += ["response", "n_response_tokens"]
+    elif name == "comparisons":
+        k = max([2] + [r["n_responses"] for r in rows])
+        columns += ["n_responses"] + [f"response_{i}" for i in range(k)] + ["n_response_tokens"]
+    out = pd.DataFrame(rows, columns=columns)
+    for column in columns:
+        if column.startswith("response_") or column == "last_prompt_role":
+            out[column] = out[column].astype(object)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- suites
+
+
+def _suite(name: str, flat: pd.DataFrame, config: "DataConfig"):
+    """The expectation suite of one dataset (GX imported here, lazily)."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name=f"{name}-suite")
+    add = suite.add_expectation
+    add(gxe.ExpectTableRowCountToBeBetween(min_value=int(config.min_rows.get(name, 1))))
+    add(gxe.ExpectColumnValuesToNotBeNull(column="id"))
+    add(gxe.ExpectColumnValuesToBeUnique(column="id"))
+    add(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(config.splits)))
+    add(gxe.ExpectColumnValueLengthsToBeBetween(column="prompt_text", min_value=1))
+    add(gxe.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1))
+    add(gxe.ExpectColumnValuesToBeInSet(column="last_prompt_role", value_set=["user"]))
+    add(gxe.ExpectColumnValuesToBeBetween(column="n_prompt_tokens", max_value=config.max_prompt_tokens,
+                                          mostly=BUDGET_MOSTLY))
+    if name == "prompts":
+        add(gxe.ExpectColumnValuesToBeUnique(column="prompt_text"))
+    elif name == "demonstrations":
+        add(gxe.ExpectColumnValuesToNotBeNull(column="source_row"))
+        add(gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1))
+        add(gxe.ExpectColumnValuesToBeBetween(column="n_response_tokens", max_value=config.max_response_tokens,
+                                              mostly=BUDGET_MOSTLY))
+    elif name == "comparisons":
+        k = sum(1 for c in flat.columns if c.startswith("response_"))
+        add(gxe.ExpectColumnValuesToNotBeNull(column="source_row"))
+        add(gxe.ExpectColumnValuesToBeBetween(column="n_responses", min_value=2))
+        for i in range(k):
+            add(gxe.ExpectColumnValueLengthsToBeBetween(column=f"response_{i}", min_value=1))
+        # chosen != rejected; for K-wise rows every response differs (rows with fewer than j responses are skipped).
+        for j in range(2, k + 1):
+            add(gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(
+                column_list=[f"response_{i}" for i in range(j)],
+                ignore_row_if="all_values_are_missing" if j == 2 else "any_value_is_missing"))
+        add(gxe.ExpectCompoundColumnsToBeUnique(column_list=["prompt_text", "response_0", "response_1"]))
+        add(gxe.ExpectColumnValuesToBeBetween(column="n_response_tokens", max_value=config.max_response_tokens,
+                                              mostly=BUDGET_MOSTLY))
+    return suite
+
+
+def _context():
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    project = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        analytics_enabled=False,
+    )
+    return gx.get_context(mode="ephemeral", project_config=project)
+
+
+def _camel(snake: str) -> str:
+    return "".join(part.capitalize() for part in snake.split("_"))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and not isinstance(value, (str, bytes, list, dict)):
+        try:
+            return value.item()
+        except (ValueError, AttributeError):
+            return value
+    return value
+
+
+def _failure(result) -> dict:
+    config = result.expectation_config
+    kwargs = config.kwargs
+    details = result.result or {}
+    indexed = details.get("unexpected_index_list") or []
+    column = kwargs.get("column", kwargs.get("column_list"))
+    entry: dict[str, Any] = {
+        "expectation": _camel(config.type),
+        "column": list(column) if isinstance(column, (list, tuple)) else column,
+        "level": "row" if ("unexpected_count" in details or indexed) else "table",
+        "mostly": kwargs.get("mostly"),
+        "row_ids": [],
+        "source_rows": [],
+        "sources": [],
+    }
+    for item in indexed:  # dicts of the index columns (and the checked columns' values, which are dropped here)
+        if isinstance(item, dict):
+            entry["row_ids"].append(_plain(item.get("id")))
+            entry["source_rows"].append(_plain(item.get("source_row")))
+            entry["sources"].append(_plain(item.get("source")))
+    if entry["level"] == "row":
+        entry["unexpected_count"] = int(details.get("unexpected_count", len(indexed)) or 0)
+    else:
+        entry["observed_value"] = _plain(details.get("observed_value"))
+        bounds = {k: kwargs.get(k) for k in ("min_value", "max_value") if kwargs.get(k) is not None}
+        entry["expected"] = " ".join(f"{k}={v}" for k, v in bounds.items())
+    if result.exception_info and result.exception_info.get("raised_exception"):
+        entry["level"] = "table"
+        entry["exception"] = str(result.exception_info.get("exception_message"))[:300]
+    return entry
+
+
+def validate_frames(
+    frames: dict[str, pd.DataFrame],
+    config: "DataConfig",
+    count_tokens: Callable[[str], int] | None = None,
+) -> ValidationReport:
+    """Run the GX suite of each canonical dataset in ``frames`` (any of demonstrations, comparisons, prompts).
+
+    Args:
+        frames: canonical frames (columns as in ``tasks.data.COLUMNS``).
+        config: ``DataConfig`` (``min_rows``, ``max_prompt_tokens``, ``max_response_tokens``, ``splits``).
+        count_tokens: text -> number of tokens; None estimates ``ceil(len / 4)`` (stated in the report).
+
+    Returns:
+        :class:`ValidationReport`; row-level failures name the failing rows by id, source and source row.
+    """
+    context = _context()
+    datasource = context.data_sources.add_pandas("canonical")
+    report = ValidationReport(success=True, token_counter="count_tokens" if count_tokens else ESTIMATE_NOTE)
+    if count_tokens is None:
+        logger.info("token counts %s", ESTIMATE_NOTE)
+    for name in DATASETS:
+        if name not in frames:
+            continue
+        flat = flat_frame(name, frames[name], count_tokens)
+        suite = context.suites.add(_suite(name, flat, config))
+        batch_definition = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+        batch = batch_definition.get_batch(batch_parameters={"dataframe": flat})
+        result = batch.validate(suite, result_format={
+            "result_format": "COMPLETE",
+            "unexpected_index_column_names": _INDEX_COLUMNS,
+            "return_unexpected_index_query": False,
+        })
+        failed, warnings = [], []
+        for item in result.results:
+            entry = _failure(item)
+            if not item.success:
+                failed.append(entry)
+            elif entry["level"] == "row" and entry.get("unexpected_count"):
+                warnings.append(entry)
+        report.datasets[name] = {"success": bool(result.success), "evaluated": len(result.results),
+                                 "rows": int(len(flat)), "failed": failed, "warnings": warnings}
+        report.success = report.success and bool(result.success)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------- gate
+
+
+_UNIQUE = re.compile(r"Unique")
+
+
+def _rows_to_drop(name: str, flat: pd.DataFrame, failures: list[dict]) -> list[dict]:
+    """Rows of one dataset that row-level failures name; of duplicates (uniqueness expectations) the first row in
+    source order is kept. Returns ``[{"dataset", "source", "row", "id", "rule", "detail"}]`` in source order."""
+    position = {(s, int(r)): i for i, (s, r) in enumerate(zip(flat["source"], flat["source_row"]))}
+    drop: dict[int, dict] = {}
+    # A row failing several expectations is reported once, under the first by name (deterministic).
+    for failure in sorted(failures, key=lambda f: (f["expectation"], str(f["column"]))):
+        if failure["level"] != "row" or failure.get("mostly") is not None:
+            continue
+        rows = sorted({position[(s, int(r))] for s, r in zip(failure["sources"], failure["source_rows"])
+                       if (s, int(r)) in position})
+        column = failure["column"]
+        columns = column if isinstance(column, list) else [column]
+        within_record = failure["expectation"] == "ExpectSelectColumnValuesToBeUniqueWithinRecord"
+        if _UNIQUE.search(failure["expectation"]) and not within_record:
+            seen = set()
+            keep = set()
+            for i in rows:
+                key = tuple(flat.iloc[i][c] for c in columns)
+                if key not in seen:
+                    seen.add(key)
+                    keep.add(i)
+            rows = [i for i in rows if i not in keep]
+            detail = f"duplicate of an earlier row ({', '.join(columns)})"
+        else:
+            detail = f"fails {failure['expectation']} on {', '.join(columns)}"
+        for i in rows:
+            drop.setdefault(i, {
+                "dataset": name, "source": flat.iloc[i]["source"], "row": int(flat.iloc[i]["source_row"]),
+                "id": flat.iloc[i]["id"], "rule": failure["expectation"], "detail": detail,
+            })
+    return [drop[i] for i in sorted(drop)]
+
+
+def _fail_message(reason: str, dropped: list[dict], report: ValidationReport | None) -> str:
+    lines = [f"data validation failed: {reason}"]
+    for row in dropped[:_MAX_LISTED]:
+        lines.append(f"  {row['dataset']}: {row['source']} row {row['row']} (id {row['id']}): {row['rule']}"
+                     + (f" - {row['detail']}" if row.get("detail") else ""))
+    if len(dropped) > _MAX_LISTED:
+        lines.append(f"  ... and {len(dropped) - _MAX_LISTED} more rows")
+    if report is not None and not report.success:
+        lines.append(report.format_failures())
+    return "\n".join(lines)
+
+
+def run_validate(
+    config: "DataConfig",
+    count_tokens: Callable[[str], int] | None = None,
+    prepared_dir: str | Path | None = None,
+    strict: bool = False,
+) -> dict:
+    """The data gate used by ``rlhf validate`` and the pipeline: ingest, validate, drop or fail, re-validate, write.
+
+    1. :func:`tasks.data.ingest` the configured sources; rows it could not parse are invalid.
+    2. Run the demonstrations and comparisons suites; rows failing a row-level expectation are invalid too (of
+       duplicates the first is kept; soft budget expectations drop nothing).
+    3. Invalid rows are dropped with a report when ``config.invalid_rows == "drop"``, ``strict`` is False and they
+       are at most ``config.max_invalid_fraction`` of their dataset's input rows; otherwise :class:`ValidationFailed`.
+    4. The prompts are rebuilt from the kept comparisons and all three suites run again: they must pass (table-level
+       failures such as too few rows always fail).
+    5. With ``prepared_dir``, the datasets and ``report.json`` (with the dropped rows and the validation results) are
+       written atomically by :func:`tasks.data.write_prepared`.
+
+    Returns:
+        ``{"version": 12-hex data version, "counts": {dataset: n_rows}, "dropped": [{"dataset", "source", "row", "id",
+        "rule", "detail"}], "report_path": Path | None, "paths": {name: Path} (empty without prepared_dir),
+        "validation": ValidationReport.to_dict()}``.
+
+    Raises:
+        ValidationFailed: as above; its message lists each failing row (source, row, id, rule) and failing
+            expectation; ``.report`` holds the details.
+        tasks.data.DataError: a source cannot be read.
+    """
+    result = ingest(config)
+    frames = dict(result.frames)
+    dropped = [dict(row) for row in result.invalid]
+    first = validate_frames({k: frames[k] for k in ("demonstrations", "comparisons")}, config, count_tokens)
+    for name in ("demonstrations", "comparisons"):
+        flat = flat_frame(name, frames[name], count_tokens)
+        dropped += _rows_to_drop(name, flat, first.datasets[name]["failed"])
+
+    input_rows = {name: len(frames[name]) + sum(1 for r in result.invalid if r["dataset"] == name)
+                  for name in ("demonstrations", "comparisons")}
+    fractions = {name: (sum(1 for r in dropped if r["dataset"] == name) / input_rows[name]) if input_rows[name] else 0.0
+                 for name in input_rows}
+    base_report = {"dropped": dropped, "invalid_fraction": fractions, "policy": config.invalid_rows,
+                   "strict": strict, "max_invalid_fraction": config.max_invalid_fraction,
+                   "first_pass": first.to_dict()}
+    reason = None
+    if dropped and strict:
+        reason = f"{len(dropped)} invalid rows and strict mode allows none"
+    elif dropped and config.invalid_rows == "fail":
+        reason = f"{len(dropped)} invalid rows and data.invalid_rows is 'fail'"
+    else:
+        over = {n: f for n, f in fractions.items() if f > config.max_invalid_fraction}
+        if over:
+            reason = "; ".join(f"{n}: {f:.2%} of rows invalid > data.max_invalid_fraction "
+                               f"{config.max_invalid_fraction:.2%}" for n, f in over.items())
+    if reason:
+        raise ValidationFailed(_fail_message(reason, dropped, None), base_report)
+
+    for name in ("demonstrations", "comparisons"):
+        bad = {(r["source"], r["row"]) for r in dropped if r["dataset"] == name}
+        frame = frames[name]
+        keep = pd.Series([(s, int(r)) not in bad for s, r in zip(frame["source"], frame["source_row"])],
+                         index=frame.index, dtype=bool)
+        frames[name] = frame.loc[keep].reset_index(drop=True)
+    frames["prompts"] = prompts_from_comparisons(frames["comparisons"])
+
+    final = validate_frames(frames, config, count_tokens)
+    base_report["validation"] = final.to_dict()
+    if not final.success:
+        raise ValidationFailed(_fail_message("expectations failed on the kept rows", dropped, final), base_report)
+    if dropped:
+        logger.warning("dropped %d invalid rows (%s)", len(dropped),
+                       ", ".join(f"{n} {f:.2%}" for n, f in fractions.items()))
+    for row in dropped:
+        logger.info("dropped %s %s row %s (id %s): %s", row["dataset"], row["source"], row["row"], row["id"],
+                    row["rule"])
+
+    paths: dict[str, Path] = {}
+    report_path = None
+    if prepared_dir is not None:
+        kept = IngestResult(frames=frames, invalid=dropped, sources=result.sources)
+        extra = {"dropped": dropped, "invalid_fraction": fractions, "policy": config.invalid_rows,
+                 "validation": final.to_dict()}
+        paths = write_prepared(kept, prepared_dir, extra=extra)
+        report_path = paths["report"]
+        version = data_version(prepared_dir)
+    else:
+        version = frames_version(frames)
+    return {
+        "version": version,
+        "counts": {name: int(len(frames[name])) for name in DATASETS},
+        "dropped": dropped,
+        "report_path": report_path,
+        "paths": paths,
+        "validation": final.to_dict(),
+    }
