@@ -15,9 +15,6 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The InstructGPT recipe as Prefect flows tracked in MLflow.")
 
-COMPARISON_FORMATS = {"hh_rlhf", "prompt_chosen_rejected", "kwise"}
-
-
 def _quiet_defaults() -> None:
     """Environment defaults for a local run: Prefect's temporary server gets time to start, no telemetry."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -142,7 +139,7 @@ def validate(
     _quiet_defaults()
     from flows.config import SourceConfig, load_config
     from flows.pipeline import token_counter
-    from tasks.data import DataError, detect_format, read_rows
+    from tasks.data import COMPARISON_FORMATS, DataError, detect_format, read_rows
     from tasks.validate import ValidationFailed, run_validate
 
     console = _console()

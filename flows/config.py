@@ -100,7 +100,8 @@ class RewardConfig(_Section):
     epochs: int = 1
     batch_size: int = 4
     learning_rate: float = 1e-5
-    head_l2: float = 1.0  # ridge penalty of the head-only mode (logistic regression on frozen features)
+    # ridge strengths tried by 5-fold cross-validation in the head-only mode (logistic regression on frozen features)
+    head_l2_candidates: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0])
     max_length: int = 384
     normalize: bool = True
 

@@ -250,7 +250,7 @@ def register_task(config: Config, policy: str, reward_model: str, ctx: dict) -> 
         ]
 
 
-@flow(name="rlhf-pipeline", log_prints=True)
+@flow(name="rlhf-pipeline")
 def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "runs/latest") -> dict:
     """The InstructGPT recipe end to end. Writes ``output_dir/summary.json`` and returns its content.
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -61,11 +62,39 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 
 @contextlib.contextmanager
-def progress(description: str, total: int | None):
-    """A rich progress bar (steps done / total, elapsed, ETA, latest figures) for a long loop.
+def progress(description: str, total: int | None, every_s: float = 10.0):
+    """A progress display (steps done / total, elapsed, ETA, latest figures) for a long loop.
 
-    Yields ``advance(n=1, **figures)``; figures (loss, reward...) are shown beside the bar.
+    On a terminal it is a live rich progress bar; otherwise (logs, CI, Prefect workers) one line is printed at most
+    every ``every_s`` seconds and at the end. Yields ``advance(n=1, **figures)``; figures (loss, reward...) are shown
+    beside the count.
     """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def fmt(figures: dict) -> str:
+        return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+
+    if not console.is_terminal:
+        start = last = time.time()
+        state = {"done": 0, "figures": {}}
+
+        def advance_lines(n: int = 1, **figures: float) -> None:
+            nonlocal last
+            state["done"] += n
+            state["figures"] = figures or state["figures"]
+            now = time.time()
+            if now - last >= every_s or (total is not None and state["done"] >= total):
+                last = now
+                elapsed = now - start
+                eta = elapsed / state["done"] * (total - state["done"]) if total and state["done"] else 0.0
+                console.print(f"{description}: {state['done']}/{total} elapsed {elapsed:.0f}s ETA {eta:.0f}s "
+                              f"{fmt(state['figures'])}", highlight=False)
+
+        yield advance_lines
+        return
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = (
@@ -77,12 +106,11 @@ def progress(description: str, total: int | None):
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns) as bar:
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=total, info="")
 
         def advance(n: int = 1, **figures: float) -> None:
-            info = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
-            bar.update(task, advance=n, info=info)
+            bar.update(task, advance=n, info=fmt(figures))
 
         yield advance
 

@@ -107,7 +107,7 @@ def ppo_update(
                 **pg_stats,
                 **vf_stats,
             }.items():
-                stats.setdefault(key, []).append(float(value))
+                stats.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else float(value))
     policy.eval()
     value_model.eval()
     return {k: sum(v) / len(v) for k, v in stats.items()}

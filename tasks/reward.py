@@ -82,6 +82,32 @@ def fit_linear_head(
     return (w.detach() / scale).float()
 
 
+def choose_head_l2(
+    chosen_feats: torch.Tensor, rejected_feats: torch.Tensor, candidates: list[float], folds: int = 5, seed: int = 0
+) -> tuple[float, dict[float, float]]:
+    """Pick the ridge strength of :func:`fit_linear_head` by ``folds``-fold cross-validated pairwise accuracy.
+
+    Returns ``(best l2, {l2: cv accuracy})``; ties go to the stronger ridge. With fewer than ``2 * folds`` pairs the
+    largest candidate is returned untested.
+    """
+    n = chosen_feats.shape[0]
+    if n < 2 * folds or len(candidates) == 1:
+        return max(candidates), {}
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    scores: dict[float, float] = {}
+    for l2 in candidates:
+        correct = 0.0
+        for k in range(folds):
+            held = order[k::folds]
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[held] = False
+            w = fit_linear_head(chosen_feats[keep], rejected_feats[keep], l2)
+            correct += float(((chosen_feats[held] - rejected_feats[held]) @ w > 0).float().sum())
+        scores[l2] = correct / n
+    best = max(candidates, key=lambda l2: (scores[l2], l2))
+    return best, scores
+
+
 def _train_finetune(
     model: ScalarHeadModel, tokenizer, train, config: Config, log: MetricLogger
 ) -> dict[str, float]:
@@ -128,11 +154,12 @@ def _train_finetune(
                 scheduler.step()
                 step += 1
                 acc = float(ranking_accuracy(rewards.detach()).mean())
-                losses.append(float(loss))
+                loss_value = loss.item()
+                losses.append(loss_value)
                 accs.append(acc)
-                log({"reward/loss": float(loss), "reward/accuracy": acc, "reward/grad_norm": grad_norm,
+                log({"reward/loss": loss_value, "reward/accuracy": acc, "reward/grad_norm": grad_norm,
                      "reward/learning_rate": scheduler.get_last_lr()[0]}, step)
-                advance(1, loss=float(loss), acc=acc)
+                advance(1, loss=loss_value, acc=acc)
     model.eval()
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step)}
 
@@ -199,7 +226,9 @@ def run_reward(
             # every ranked pair (w above l) of each prompt becomes one difference
             chosen = torch.stack([r[w] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
             rejected = torch.stack([r[l] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
-            weight = fit_linear_head(chosen, rejected, cfg.head_l2)
+            l2, cv = choose_head_l2(chosen, rejected, cfg.head_l2_candidates, seed=config.model.seed)
+            weight = fit_linear_head(chosen, rejected, l2)
+            metrics.update(head_l2=l2, head_cv_accuracy=cv.get(l2, float("nan")))
             model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
             margins = (chosen - rejected) @ weight
             train_loss = float(-torch.nn.functional.logsigmoid(margins).mean())

@@ -50,7 +50,7 @@ def sft_training_args(config: Config, output_dir: Path, device: torch.device, n_
         truncation_mode="keep_start",
         completion_only_loss=True,
         bf16=on_cuda,
-        gradient_checkpointing=on_cuda,
+        activation_checkpointing=on_cuda,
         use_cpu=not on_cuda,
         logging_steps=cfg.logging_steps,
         save_strategy="no",

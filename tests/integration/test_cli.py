@@ -1,0 +1,52 @@
+"""`rlhf validate` as a user runs it: real files, real GX, exit codes and the rows it names."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tests.conftest import PROJECT_ROOT
+
+runner = CliRunner()
+
+
+def test_validate_real_comparisons_passes_and_reports_dropped_rows(shared_data):
+    result = runner.invoke(app, ["validate", "--config", str(PROJECT_ROOT / "params.yaml"),
+                                 "--data", str(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz")])
+    assert result.exit_code == 0, result.output
+    assert "validation passed" in result.output
+    assert "'comparisons': 1992" in result.output
+    for row in (87, 517, 926, 1104, 1255, 1689, 1951, 1953):
+        assert f"row {row} " in result.output
+
+
+def test_validate_strict_fails_naming_rows_and_rules(shared_data):
+    result = runner.invoke(app, ["validate", "--config", str(PROJECT_ROOT / "params.yaml"), "--strict",
+                                 "--data", str(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz")])
+    assert result.exit_code == 1
+    assert "validation failed" in result.output
+    assert "87" in result.output and "empty_reply" in result.output
+    assert "1255" in result.output and "prompt_mismatch" in result.output
+
+
+def test_validate_bad_file_fails_without_printing_its_text(tmp_path, shared_data):
+    rows = [json.loads(line) for line in gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt")][:60]
+    secret = "SECRET-MARKER-TEXT"
+    for row in rows[:5]:
+        row["chosen"] = row["rejected"] = f"\n\nHuman: {secret}\n\nAssistant: same reply"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["validate", "--config", str(PROJECT_ROOT / "params.yaml"), "--data", str(bad)])
+    assert result.exit_code == 1
+    assert "bad.jsonl" in result.output
+    assert secret not in result.output
+
+
+def test_validate_missing_file_is_a_clear_error(tmp_path):
+    result = runner.invoke(app, ["validate", "--config", str(PROJECT_ROOT / "params.yaml"),
+                                 "--data", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2
+    assert "data file not found" in result.output and "nope.jsonl" in result.output
