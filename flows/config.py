@@ -101,7 +101,7 @@ class RewardConfig(_Section):
     batch_size: int = 4
     learning_rate: float = 1e-5
     # ridge strengths tried by 5-fold cross-validation in the head-only mode (logistic regression on frozen features)
-    head_l2_candidates: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0])
+    head_l2_candidates: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
     max_length: int = 384
     normalize: bool = True
 
@@ -113,9 +113,13 @@ class PPOConfig(_Section):
     batch_size: int = 8  # episodes per rollout
     mini_batch_size: int = 4
     ppo_epochs: int = 1
-    learning_rate: float = 1e-6
+    learning_rate: float = 1e-5
     value_learning_rate: float = 1e-5
     kl_coef: float = 0.02  # beta
+    # adaptive KL controller (Ziegler et al. 2019 §2.2): beta follows the measured KL towards kl_target
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
     clip_range: float = 0.2
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
@@ -129,6 +133,12 @@ class PPOConfig(_Section):
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
     max_grad_norm: float = 1.0
+    ema_decay: float | None = None  # EMA of the policy's weights (paper: 0.992); the EMA weights are saved
+    # PPO-ptx (InstructGPT eq. 2): + ptx_coef * E_pretrain[log pi(x)]; 0 turns it off (paper: 27.8)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 2
+    ptx_max_tokens: int = 128
+    ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
 
 
 class EvaluateConfig(_Section):
@@ -138,7 +148,7 @@ class EvaluateConfig(_Section):
     max_prompt_tokens: int = 128
     max_new_tokens: int = 48
     batch_size: int = 8
-    temperature: float = 0.7
+    temperature: float = 1.0  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
     top_p: float = 1.0
     num_samples_table: int = 8
 

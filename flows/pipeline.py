@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -325,9 +324,3 @@ def _params_hash(config: Config) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(config.flat_params(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def clean_stage_outputs(output_dir: Path) -> None:
-    """Remove stage folders of an earlier run in ``output_dir`` (a fresh run never mixes outputs)."""
-    for stage in (*STAGES, "register"):
-        shutil.rmtree(output_dir / stage, ignore_errors=True)

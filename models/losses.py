@@ -239,3 +239,51 @@ def ppo_value_loss(
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. 2019 (§2.2), used in InstructGPT-style PPO.
+
+    After each step with measured KL ``kl`` (nats per episode): ``e = clip(kl / target − 1, −0.2, 0.2)``,
+    ``β ← β · (1 + e · n_steps / horizon)``.
+
+    Args:
+        init_kl_coef: starting β.
+        target: the KL the controller steers towards.
+        horizon: how many episodes it takes to close most of the gap.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        """Update β from the last batch's KL over ``n_steps`` episodes; returns the new β."""
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """A constant β (the paper's default, β = 0.02)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, kl: float, n_steps: int) -> float:
+        return self.value
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token negative log-likelihood over real tokens (nats/token): the PPO-ptx term
+    ``−E_pretrain[log π(x)]`` (InstructGPT §3.5, eq. 2) and perplexity's log.
+
+    Args:
+        logits: ``[B, T, V]``.
+        input_ids, attention_mask: ``[B, T]``.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = input_ids[:, 1:]
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return masked_mean(nll, attention_mask[:, 1:].to(nll.dtype))

@@ -27,18 +27,31 @@ import torch
 
 from flows.config import Config, PPOConfig
 from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
-from models.losses import gae, masked_mean, masked_var, masked_whiten, per_token_kl_rewards, ppo_policy_loss, ppo_value_loss
+from models.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    lm_loss,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_kl_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from models.policy import Rollout, response_logprobs, sample_responses
-from models.reward_model import ScalarHeadModel, chat_prompt_ids
+from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences, position_ids_from_mask
 from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything
 from tasks.data import load_prepared
 
 
 @torch.no_grad()
-def score_rollout(rollout: Rollout, policy, reference, value_model, reward_model, cfg: PPOConfig) -> dict[str, torch.Tensor]:
+def score_rollout(
+    rollout: Rollout, policy, reference, value_model, reward_model, cfg: PPOConfig, kl_coef: float | None = None
+) -> dict[str, torch.Tensor]:
     """Phase 2 and 3: everything the update needs, computed once without gradients.
 
-    Returns a dict of ``[B, R]`` tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and
+    ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]`` tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and
     ``[B]`` tensors ``scores`` (RM score, before any penalty).
     """
     ids, attn, p = rollout.input_ids, rollout.attention_mask, rollout.query_length
@@ -50,7 +63,8 @@ def score_rollout(rollout: Rollout, policy, reference, value_model, reward_model
     penalised = scores.clone()
     if cfg.missing_eos_penalty is not None:
         penalised = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-    rewards, kl = per_token_kl_rewards(penalised, logprobs, ref_logprobs, mask, cfg.kl_coef)
+    beta = cfg.kl_coef if kl_coef is None else kl_coef
+    rewards, kl = per_token_kl_rewards(penalised, logprobs, ref_logprobs, mask, beta)
     return {
         "logprobs": logprobs * mask,
         "ref_logprobs": ref_logprobs * mask,
@@ -73,8 +87,13 @@ def ppo_update(
     value_opt: torch.optim.Optimizer,
     cfg: PPOConfig,
     generator: torch.Generator,
+    ptx_batches=None,
 ) -> dict[str, float]:
-    """Phase 5: ``ppo_epochs`` passes of minibatch updates; returns the mean of each statistic over minibatches."""
+    """Phase 5: ``ppo_epochs`` passes of minibatch updates; returns the mean of each statistic over minibatches.
+
+    With ``ptx_batches`` (an iterator of ``(input_ids, attention_mask)`` of pretraining text) and ``cfg.ptx_coef > 0``
+    the policy loss gains ``ptx_coef`` times the LM loss on one such batch per minibatch (PPO-ptx, InstructGPT eq. 2).
+    """
     n = rollout.input_ids.shape[0]
     stats: dict[str, list[float]] = {}
     policy.train()
@@ -90,8 +109,16 @@ def ppo_update(
             values = value_model.values(ids, attn)[:, p - 1 : -1]
             vf_loss, vf_stats = ppo_value_loss(values, batch["values"][idx], returns[idx], mask, cfg.clip_range_value)
 
+            loss = pg_loss
+            ptx = None
+            if ptx_batches is not None and cfg.ptx_coef > 0:
+                ptx_ids, ptx_mask = next(ptx_batches)
+                ptx_out = policy(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False)
+                ptx = lm_loss(ptx_out.logits, ptx_ids, ptx_mask)
+                loss = pg_loss + cfg.ptx_coef * ptx
+
             policy_opt.zero_grad()
-            pg_loss.backward()
+            loss.backward()
             pg_grad = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             policy_opt.step()
             value_opt.zero_grad()
@@ -106,11 +133,71 @@ def ppo_update(
                 "grad_norm": pg_grad,
                 **pg_stats,
                 **vf_stats,
+                **({"ptx_loss": ptx} if ptx is not None else {}),
             }.items():
                 stats.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else float(value))
     policy.eval()
     value_model.eval()
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def pretraining_texts(config: Config, prepared_dir: str | Path) -> list[str]:
+    """Texts for PPO-ptx: the chosen dialogues of the train comparisons (``ppo.ptx_source: comparisons``), the train
+    demonstrations (``demonstrations``), or the lines / JSON-lines ``text`` fields of a file.
+
+    Raises:
+        FileNotFoundError: when ``ptx_source`` is neither a known name nor an existing file.
+    """
+    source = config.ppo.ptx_source
+    if source == "comparisons":
+        frame = load_prepared(prepared_dir, "comparisons", split="train")
+        return [_dialogue_text(list(r.prompt), r.responses[0]) for r in frame.itertuples()]
+    if source == "demonstrations":
+        frame = load_prepared(prepared_dir, "demonstrations", split="train")
+        return [_dialogue_text(list(r.prompt), r.response) for r in frame.itertuples()]
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"ppo.ptx_source: no such file {path} (or use 'comparisons' / 'demonstrations')")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in lines]
+    return lines
+
+
+def _dialogue_text(messages: list[dict], reply: str) -> str:
+    turns = [f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages if m["role"] != "system"]
+    return "\n\n".join(turns + [f"Assistant: {reply}"])
+
+
+def pretraining_batches(texts: list[str], tokenizer, batch_size: int, max_tokens: int, generator: torch.Generator,
+                        device: torch.device):
+    """An endless iterator of ``(input_ids [B, T], attention_mask [B, T])`` over shuffled ``texts`` (right-padded)."""
+    while True:
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens] for i in order[start : start + batch_size]]
+            input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
+            yield input_ids.to(device), mask.to(device)
+
+
+class EMA:
+    """Exponential moving average of a model's weights (InstructGPT App. C.4: decay 0.992); ``copy_to`` writes it back."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if key in self.shadow:
+                self.shadow[key].mul_(self.decay).add_(value.detach(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        state = model.state_dict()
+        for key, value in self.shadow.items():
+            state[key].copy_(value)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -171,6 +258,13 @@ def run_ppo(
     value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
 
     generator = torch.Generator().manual_seed(config.model.seed)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else FixedKLController(cfg.kl_coef))
+    ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
+    ptx_batches = None
+    if cfg.ptx_coef > 0:
+        ptx_batches = pretraining_batches(pretraining_texts(config, prepared_dir), tokenizer, cfg.ptx_batch_size,
+                                          cfg.ptx_max_tokens, torch.Generator().manual_seed(config.model.seed + 1), device)
     order: list[int] = []
     history: list[dict[str, float]] = []
     with progress("PPO", cfg.steps) as advance:
@@ -182,11 +276,15 @@ def run_ppo(
             rollout = sample_responses(
                 policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
             )
-            batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg)
+            beta = kl_ctl.value
+            batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg, kl_coef=beta)
             advantages, returns = gae(batch["rewards"], batch["values"], batch["mask"], cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, batch["mask"])
-            update = ppo_update(rollout, batch, advantages, returns, policy, value_model, policy_opt, value_opt, cfg, generator)
+            update = ppo_update(rollout, batch, advantages, returns, policy, value_model, policy_opt, value_opt, cfg,
+                                generator, ptx_batches)
+            if ema is not None:
+                ema.update(policy)
 
             mask = batch["mask"]
             figures = {
@@ -199,12 +297,16 @@ def run_ppo(
                 "ppo/value_mean": float(masked_mean(batch["values"], mask)),
                 "ppo/explained_variance": explained_variance(batch["values"], returns, mask),
                 "ppo/learning_rate": policy_opt.param_groups[0]["lr"],
+                "ppo/kl_coef": beta,
                 **{f"ppo/{k}": v for k, v in update.items()},
             }
+            kl_ctl.update(figures["ppo/kl"], cfg.batch_size)
             history.append(figures)
             log(figures, step)
             advance(1, score=figures["ppo/score"], kl=figures["ppo/kl"], clip=figures["ppo/clipfrac"])
 
+    if ema is not None:
+        ema.copy_to(policy)
     model_dir = output_dir / "model"
     (output_dir / "history.json").parent.mkdir(parents=True, exist_ok=True)
     (output_dir / "history.json").write_text(json.dumps(history, indent=1))
