@@ -150,7 +150,8 @@ class EvaluateConfig(_Section):
     batch_size: int = 8
     temperature: float = 1.0  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
     top_p: float = 1.0
-    num_samples_table: int = 8
+    ppl_texts: int = 32  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
+    ppl_max_tokens: int = 128
 
 
 class RegistryConfig(_Section):

@@ -9,6 +9,7 @@ lengths, and a table of samples.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 from flows.config import Config
 from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
 from models.policy import response_logprobs, sample_responses
-from models.reward_model import ScalarHeadModel, chat_prompt_ids
+from models.losses import lm_loss
+from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences
 from tasks.common import MetricLogger, StageResult, batched, no_log, progress, seed_everything, wilson_interval
 from tasks.data import load_prepared
 
@@ -31,6 +33,26 @@ def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> tuple[float, t
     wins = float((challenger > baseline).sum()) + 0.5 * float((challenger == baseline).sum())
     n = int(challenger.numel())
     return wins / max(n, 1), wilson_interval(wins, n)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int) -> float:
+    """Token-weighted perplexity ``exp(mean NLL)`` of ``model`` on ``texts`` (each cut to ``max_tokens`` tokens).
+
+    Used for the alignment tax: the change of perplexity on held-out pretraining text from SFT to PPO (InstructGPT
+    §4.2 reports the regressions PPO-ptx is meant to reduce).
+    """
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for chunk in batched(texts, batch_size):
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in chunk]
+        input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        n = int(mask[:, 1:].sum())
+        total_nll += float(lm_loss(logits, input_ids, mask)) * n
+        total_tokens += n
+    return math.exp(total_nll / max(total_tokens, 1))
 
 
 def _last_user_turn(messages: list[dict]) -> str:
@@ -54,7 +76,8 @@ def run_evaluate(
     Returns:
         StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards) and metrics
         ``win_rate_vs_sft``, ``win_rate_vs_sft_ci``, ``mean_reward_policy``, ``mean_reward_sft``, ``kl_to_sft``,
-        ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``wall_s``.
+        ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``ppl_sft``, ``ppl_policy`` and
+        ``alignment_tax_ppl`` (perplexity on held-out pretraining text, see :func:`perplexity`), ``wall_s``.
 
     Raises:
         ValueError: when there are no test prompts or the models do not share a tokenizer.
@@ -113,6 +136,13 @@ def run_evaluate(
         "response_length_sft": float(torch.cat(results["sft"]["lengths"]).mean()),
         "num_prompts": float(len(queries)),
     }
+    from tasks.ppo import pretraining_texts
+
+    texts = pretraining_texts(config, prepared_dir, split="test")[: cfg.ppl_texts]
+    if texts:
+        ppl_sft = perplexity(sft, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
+        ppl_policy = perplexity(policy, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
+        metrics.update(ppl_sft=ppl_sft, ppl_policy=ppl_policy, alignment_tax_ppl=ppl_policy - ppl_sft)
     samples_path = output_dir / "samples.jsonl"
     with open(samples_path, "w") as fh:
         for i, row in enumerate(prompts.itertuples()):

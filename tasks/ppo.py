@@ -141,19 +141,20 @@ def ppo_update(
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def pretraining_texts(config: Config, prepared_dir: str | Path) -> list[str]:
-    """Texts for PPO-ptx: the chosen dialogues of the train comparisons (``ppo.ptx_source: comparisons``), the train
-    demonstrations (``demonstrations``), or the lines / JSON-lines ``text`` fields of a file.
+def pretraining_texts(config: Config, prepared_dir: str | Path, split: str = "train") -> list[str]:
+    """Texts for PPO-ptx (``split="train"``) and the alignment-tax perplexity (``split="test"``): the chosen dialogues
+    of the comparisons (``ppo.ptx_source: comparisons``), the demonstrations (``demonstrations``), or the lines /
+    JSON-lines ``text`` fields of a file (all of it, whatever the split).
 
     Raises:
         FileNotFoundError: when ``ptx_source`` is neither a known name nor an existing file.
     """
     source = config.ppo.ptx_source
     if source == "comparisons":
-        frame = load_prepared(prepared_dir, "comparisons", split="train")
+        frame = load_prepared(prepared_dir, "comparisons", split=split)
         return [_dialogue_text(list(r.prompt), r.responses[0]) for r in frame.itertuples()]
     if source == "demonstrations":
-        frame = load_prepared(prepared_dir, "demonstrations", split="train")
+        frame = load_prepared(prepared_dir, "demonstrations", split=split)
         return [_dialogue_text(list(r.prompt), r.response) for r in frame.itertuples()]
     path = Path(source)
     if not path.exists():

@@ -140,3 +140,50 @@ def test_sft_batch_labels_learn_eos_and_mask_the_prompt(tiny_model_path, tokeniz
     response = tokenizer("Mix flour and water.", add_special_tokens=False)["input_ids"]
     assert learned[: len(response)] == response
     assert ids[:prompt_len].tolist() == chat_prompt_ids(tokenizer, MESSAGES)
+
+
+def test_sampled_kl_to_reference_is_non_negative(tiny_model_path, tokenizer):
+    """With temperature 1 and no top-k/top-p, the mean sampled KL(policy || reference) estimate is >= 0."""
+    torch.manual_seed(0)
+    reference = load_causal_lm(tiny_model_path, CPU).eval()
+    policy = load_causal_lm(tiny_model_path, CPU).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    queries = [chat_prompt_ids(tokenizer, MESSAGES)] * 32
+    rollout = sample_responses(policy, tokenizer, queries, max_new_tokens=8, temperature=1.0)
+    args = (rollout.input_ids, rollout.attention_mask, rollout.query_length)
+    with torch.no_grad():
+        lp, _ = response_logprobs(policy, *args)
+        ref, _ = response_logprobs(reference, *args)
+    kl = ((lp - ref) * rollout.response_mask).sum(1)
+    assert kl.mean().item() > 0.0
+
+
+def test_ema_tracks_weights_by_hand():
+    from tasks.ppo import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model)  # 0.9 * 1 + 0.1 * 2
+    ema.copy_to(model)
+    assert model.weight.item() == pytest.approx(1.1)
+
+
+def test_missing_eos_penalty_replaces_the_score(tiny_model_path, tokenizer):
+    from tasks.ppo import score_rollout
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(tiny_model_path, CPU).eval()
+    value = ScalarHeadModel.from_pretrained(tiny_model_path, CPU).eval()
+    queries = [chat_prompt_ids(tokenizer, MESSAGES)] * 2
+    rollout = sample_responses(policy, tokenizer, queries, max_new_tokens=3)
+    assert not rollout.ended.any()  # a random tiny model does not say EOS within 3 tokens
+    cfg = PPOConfig(missing_eos_penalty=-5.0, kl_coef=0.0)
+    batch = score_rollout(rollout, policy, policy, value, value, cfg)
+    assert batch["rewards"][:, -1].tolist() == pytest.approx([-5.0, -5.0])
+    assert batch["kl"].abs().max().item() == 0.0
