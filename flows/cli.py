@@ -74,9 +74,10 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     keys = {
         "validate": ("rows_demonstrations", "rows_comparisons", "rows_prompts", "dropped_rows"),
         "sft": ("train_loss", "eval_loss"),
-        "reward": ("accuracy", "accuracy_ci", "accuracy_shorter_baseline", "normalization_bias"),
+        "reward": ("accuracy", "accuracy_ci", "accuracy_shorter_baseline", "judge_accuracy", "judge_accuracy_ci"),
         "ppo": ("mean_reward_first", "mean_reward", "kl"),
-        "evaluate": ("win_rate_vs_sft", "win_rate_vs_sft_ci", "mean_reward_policy", "mean_reward_sft", "kl_to_sft"),
+        "evaluate": ("win_rate_vs_sft", "win_rate_vs_sft_ci", "win_rate_vs_sft_judge", "win_rate_vs_sft_judge_ci",
+                     "mean_reward_policy", "mean_reward_sft", "kl_to_sft", "ppl_sft", "ppl_policy"),
     }
     for stage, entry in summary["stages"].items():
         metrics = entry.get("metrics", {})
@@ -91,6 +92,9 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
             figures.append(f"{metrics['wall_s']:.0f}s")
         table.add_row(stage, entry["status"], "  ".join(figures))
     console.print(table)
+    verdict = summary["stages"].get("evaluate", {}).get("metrics", {}).get("judge_verdict")
+    if verdict:
+        console.print(f"judge: {verdict}")
     for model in summary.get("registered_models", []):
         console.print(f"registered [bold]{model['name']}[/] version {model['version']} aliases {model['aliases']}")
     uri = summary.get("tracking_uri", "")

@@ -88,6 +88,10 @@ class SFTConfig(_Section):
     max_length: int = 256
     eval_examples: int | None = 16
     logging_steps: int = 1
+    # checkpoint selection (App. C.1): by mean RM score on validation prompts when this reward model is available
+    # ("champion" = the registry's champion RM, a folder, or null), else by validation loss
+    selection_reward_model: str | None = "champion"
+    selection_prompts: int = 16
 
 
 class RewardConfig(_Section):
@@ -104,6 +108,10 @@ class RewardConfig(_Section):
     head_l2_candidates: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
     max_length: int = 384
     normalize: bool = True
+    # the judge RM: trained like the RM on a split the RM never sees; evaluation's "gold" reward
+    judge: bool = True
+    judge_split: str = "validation"
+    max_judge_pairs: int | None = 300
 
 
 class PPOConfig(_Section):

@@ -92,28 +92,29 @@ def failure_file(config: Config) -> Path:
 def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
     """``dvc repro prepare`` in ``project_dir`` (runs ``rlhf prepare`` only when its inputs changed).
 
+    DVC runs as a subprocess in the project folder (its Python API resolves targets against the process's working
+    directory), with this environment's ``python`` first on ``PATH`` for the stage's command.
+
     Raises:
         tasks.validate.ValidationFailed: when the prepare command failed its GX gate (the failure file it wrote is
             read back so the message names rows and expectations).
-        RuntimeError: any other DVC failure.
+        RuntimeError: any other DVC failure, with DVC's own message.
     """
-    from dvc.repo import Repo
-
     from tasks.validate import ValidationFailed
 
-    env_path = os.environ.get("PATH", "")
-    bin_dir = str(Path(sys.executable).parent)
-    if not env_path.startswith(bin_dir):
-        os.environ["PATH"] = bin_dir + os.pathsep + env_path  # the stage's `python` is this environment's
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     failure = failure_file(config)
     failure.unlink(missing_ok=True)
-    try:
-        with Repo(str(project_dir)) as repo:
-            repo.reproduce("prepare")
-    except Exception as exc:  # DVC wraps the command's failure
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=project_dir, env=env,
+                          capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.strip():
+            print(line, file=sys.stderr)
+    if proc.returncode != 0:
         if failure.exists():
-            raise ValidationFailed(failure.read_text()) from None
-        raise RuntimeError(f"`dvc repro prepare` failed in {project_dir}: {exc}") from exc
+            raise ValidationFailed(failure.read_text())
+        raise RuntimeError(f"`dvc repro prepare` failed in {project_dir}: {proc.stderr.strip()[-2000:]}")
 
 
 @task(name="validate", cache_policy=NO_CACHE)
@@ -189,7 +190,19 @@ def sft_task(config: Config, prepared_dir: str, ctx: dict) -> dict:
     from tasks.sft import run_sft
 
     base = resolve_model_path(config.model.base, config.model.cache_dir)
-    return _stage("sft", config, ctx, run_sft, prepared_dir, base)
+    selection_rm = config.sft.selection_reward_model
+    if selection_rm == "champion":
+        from tasks.registry import download_model_dir
+
+        selection_rm = download_model_dir(config.registry.reward_model_name, "champion",
+                                          Path(ctx["output_dir"]) / "sft" / "champion-rm")
+        get_run_logger().info("SFT checkpoint selection by %s", f"the champion RM's mean score ({selection_rm})"
+                              if selection_rm else "validation loss (no champion reward model yet)")
+
+    def run(config, prepared_dir, base, out, log):
+        return run_sft(config, prepared_dir, base, out, log, selection_reward_model=selection_rm)
+
+    return _stage("sft", config, ctx, run, prepared_dir, base)
 
 
 @task(name="reward", cache_policy=NO_CACHE)
@@ -209,30 +222,72 @@ def ppo_task(config: Config, prepared_dir: str, sft_model: str, reward_model: st
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: Config, prepared_dir: str, sft_model: str, policy: str, reward_model: str, ctx: dict) -> dict:
-    """Stage 4: PPO vs SFT on held-out prompts under the reward model."""
+def evaluate_task(
+    config: Config, prepared_dir: str, sft_model: str, policy: str, reward_model: str, ctx: dict,
+    upstream: dict | None = None, judge_model: str | None = None,
+) -> dict:
+    """Stage 4: PPO vs SFT on held-out prompts under the reward model; the HTML report.
+
+    ``upstream`` holds the earlier stages' metrics (``{stage: metrics}``) for the report.
+    """
     from tasks.evaluate import run_evaluate
 
-    result = _stage("evaluate", config, ctx, run_evaluate, prepared_dir, sft_model, policy, reward_model)
-    _log_evaluation_extras(result, ctx)
+    rm = (upstream or {}).get("reward", {})
+
+    def run(config, prepared_dir, sft_model, policy, reward_model, out, log):
+        return run_evaluate(config, prepared_dir, sft_model, policy, reward_model, out, log,
+                            judge_model_path=judge_model, judge_accuracy_ci=rm.get("judge_accuracy_ci"),
+                            shorter_baseline=rm.get("accuracy_shorter_baseline"))
+
+    result = _stage("evaluate", config, ctx, run, prepared_dir, sft_model, policy, reward_model)
+    result["paths"]["report"] = _log_evaluation_extras(result, ctx, upstream or {})
     return result
 
 
-def _log_evaluation_extras(result: dict, ctx: dict) -> None:
-    """The samples table and the PPO curves plot, on the evaluate run."""
+def _log_evaluation_extras(result: dict, ctx: dict, upstream: dict) -> str:
+    """On the evaluate run: the samples table, the PPO curves plot and the HTML report; a Prefect markdown artifact
+    with the headline figures and where the report is. Returns the report's path."""
     import mlflow
     import pandas as pd
 
-    from tasks.report import plot_ppo_curves
+    from tasks.report import plot_ppo_curves, write_html_report
 
+    out = Path(ctx["output_dir"])
+    history_path = out / "ppo" / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else []
     with tracking.reopen(result["mlflow_run_id"]):
         samples = pd.read_json(result["paths"]["samples"], lines=True)
         mlflow.log_table(samples, artifact_file="samples_table.json")
-        history = Path(ctx["output_dir"]) / "ppo" / "history.json"
-        if history.exists():
-            png = Path(ctx["output_dir"]) / "evaluate" / "ppo_curves.png"
-            plot_ppo_curves(json.loads(history.read_text()), png)
-            mlflow.log_artifact(str(png))
+        if history:
+            mlflow.log_artifact(str(plot_ppo_curves(history, out / "evaluate" / "ppo_curves.png")))
+        report = write_html_report(out / "evaluate" / "report.html", {**upstream, "evaluate": result["metrics"]},
+                                   history, samples.to_dict("records"))
+        mlflow.log_artifact(str(report))
+    _prefect_report_artifact(result, ctx, report)
+    return str(report)
+
+
+def _prefect_report_artifact(result: dict, ctx: dict, report: Path) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    m = result["metrics"]
+    low, high = m["win_rate_vs_sft_ci"]
+    run = result["mlflow_run_id"]
+    create_markdown_artifact(
+        key="rlhf-evaluation",
+        description="PPO vs SFT on held-out prompts",
+        markdown=(
+            "| metric | value |\n|---|---|\n"
+            f"| win rate PPO vs SFT (RM) | {m['win_rate_vs_sft']:.3f} [{low:.3f}, {high:.3f}] |\n"
+            f"| mean reward PPO / SFT | {m['mean_reward_policy']:.3f} / {m['mean_reward_sft']:.3f} |\n"
+            f"| KL to SFT (nats) | {m['kl_to_sft']:.3f} |\n"
+            + (f"| win rate PPO vs SFT (judge) | {m['win_rate_vs_sft_judge']:.3f} "
+               f"[{m['win_rate_vs_sft_judge_ci'][0]:.3f}, {m['win_rate_vs_sft_judge_ci'][1]:.3f}] |\n\n"
+               f"{m['judge_verdict']}\n\n" if "win_rate_vs_sft_judge" in m else "\n") +
+            f"Report: MLflow run `{run}` (experiment {ctx['experiment_id']}), artifact `report.html`: "
+            f"http://127.0.0.1:5000/#/experiments/{ctx['experiment_id']}/runs/{run} ; local copy `{report}`"
+        ),
+    )
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -303,7 +358,8 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
         current = "evaluate"
         summary.stage(current, "running")
         ev = evaluate_task(config, data["prepared_dir"], sft["paths"]["model"], ppo["paths"]["model"],
-                           rm["paths"]["model"], ctx)
+                           rm["paths"]["model"], ctx,
+                           {"reward": rm["metrics"], "ppo": ppo["metrics"]}, rm["paths"].get("judge"))
         summary.stage(current, "completed", ev["mlflow_run_id"], ev["metrics"])
 
         current = "register"

@@ -55,6 +55,17 @@ def perplexity(model, tokenizer, texts: list[str], max_tokens: int, batch_size: 
     return math.exp(total_nll / max(total_tokens, 1))
 
 
+def _judge_verdict(informative: bool, over: bool, accuracy_ci, baseline) -> str:
+    if not informative:
+        ci = f"[{accuracy_ci[0]:.3f}, {accuracy_ci[1]:.3f}]" if accuracy_ci else "unknown"
+        return (f"The judge RM's held-out accuracy {ci} does not beat the 'shorter reply wins' baseline "
+                f"({baseline:.3f}): its verdicts carry no information." if baseline is not None else
+                "The judge RM's accuracy is unknown: its verdicts carry no information.")
+    if over:
+        return "Over-optimisation: the training RM prefers the PPO policy while the judge prefers SFT."
+    return "The judge beats the baseline; its win rate is an independent check of the training RM's."
+
+
 def _last_user_turn(messages: list[dict]) -> str:
     for message in reversed(messages):
         if message["role"] == "user":
@@ -70,14 +81,25 @@ def run_evaluate(
     reward_model_path: str | Path,
     output_dir: str | Path,
     log: MetricLogger = no_log,
+    judge_model_path: str | Path | None = None,
+    judge_accuracy_ci: list[float] | None = None,
+    shorter_baseline: float | None = None,
 ) -> StageResult:
-    """Compare the PPO policy with the SFT policy on held-out prompts under the reward model.
+    """Compare the PPO policy with the SFT policy on held-out prompts under the reward model, and under the judge RM
+    when one is given (trained on comparisons the training RM never saw).
+
+    The judge's verdicts are reported as informative only when its held-out accuracy interval lies above the "shorter
+    reply wins" baseline; over-optimisation is flagged when the training (proxy) RM prefers the PPO policy while the
+    judge prefers SFT (Gao et al. 2022).
 
     Returns:
         StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards) and metrics
         ``win_rate_vs_sft``, ``win_rate_vs_sft_ci``, ``mean_reward_policy``, ``mean_reward_sft``, ``kl_to_sft``,
         ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``ppl_sft``, ``ppl_policy`` and
-        ``alignment_tax_ppl`` (perplexity on held-out pretraining text, see :func:`perplexity`), ``wall_s``.
+        ``alignment_tax_ppl`` (perplexity on held-out pretraining text, see :func:`perplexity`), with a judge
+        ``win_rate_vs_sft_judge``, ``win_rate_vs_sft_judge_ci``, ``mean_judge_reward_policy``,
+        ``mean_judge_reward_sft``, ``judge_informative`` (1/0), ``over_optimisation`` (1/0) and ``judge_verdict``
+        (a sentence); ``wall_s``.
 
     Raises:
         ValueError: when there are no test prompts or the models do not share a tokenizer.
@@ -100,8 +122,12 @@ def run_evaluate(
     sft = load_causal_lm(sft_model_path, device, dtype).eval()
     policy = load_causal_lm(policy_model_path, device, dtype).eval()
     reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval()
+    judge = None
+    if judge_model_path is not None:
+        assert_same_tokenizer(tokenizer, load_tokenizer(judge_model_path), "policy and judge reward model")
+        judge = ScalarHeadModel.from_pretrained(judge_model_path, device, dtype).eval()
 
-    results = {"sft": {"scores": [], "lengths": [], "texts": []}, "policy": {"scores": [], "lengths": [], "texts": []}}
+    results = {name: {"scores": [], "judge": [], "lengths": [], "texts": []} for name in ("sft", "policy")}
     kls: list[torch.Tensor] = []
     batches = batched(list(range(len(queries))), cfg.batch_size)
     with torch.no_grad(), progress("evaluate", 2 * len(batches)) as advance:
@@ -114,6 +140,8 @@ def run_evaluate(
                 scores = reward_model.score(rollout.input_ids, rollout.attention_mask)
                 mask = rollout.response_mask.float()
                 results[name]["scores"].append(scores.cpu())
+                if judge is not None:
+                    results[name]["judge"].append(judge.score(rollout.input_ids, rollout.attention_mask).cpu())
                 results[name]["lengths"].append(mask.sum(1).cpu())
                 results[name]["texts"] += tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
                 if name == "policy":
@@ -136,6 +164,20 @@ def run_evaluate(
         "response_length_sft": float(torch.cat(results["sft"]["lengths"]).mean()),
         "num_prompts": float(len(queries)),
     }
+    if judge is not None:
+        j_sft, j_pol = torch.cat(results["sft"]["judge"]), torch.cat(results["policy"]["judge"])
+        j_rate, (j_low, j_high) = win_rate(j_pol, j_sft)
+        informative = bool(judge_accuracy_ci and shorter_baseline is not None and judge_accuracy_ci[0] > shorter_baseline)
+        over = bool(metrics["mean_reward_policy"] > metrics["mean_reward_sft"] and float(j_pol.mean()) < float(j_sft.mean()))
+        metrics.update(
+            win_rate_vs_sft_judge=j_rate,
+            win_rate_vs_sft_judge_ci=[j_low, j_high],
+            mean_judge_reward_policy=float(j_pol.mean()),
+            mean_judge_reward_sft=float(j_sft.mean()),
+            judge_informative=float(informative),
+            over_optimisation=float(over),
+            judge_verdict=_judge_verdict(informative, over, judge_accuracy_ci, shorter_baseline),
+        )
     from tasks.ppo import pretraining_texts
 
     texts = pretraining_texts(config, prepared_dir, split="test")[: cfg.ppl_texts]

@@ -106,3 +106,19 @@ def log_and_register(
         client.set_registered_model_alias(registered_name, CHAMPION, version.version)
         aliases.append(CHAMPION)
     return {"name": registered_name, "version": int(version.version), "aliases": aliases, "model_uri": info.model_uri}
+
+
+def download_model_dir(registered_name: str, alias: str, dst: str | Path) -> Path | None:
+    """The transformers folder of ``registered_name@alias`` downloaded into ``dst``; ``None`` when the registered
+    model or the alias does not exist (a first run has no champion)."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version_by_alias(registered_name, alias)
+    except MlflowException:
+        return None
+    local = Path(download_artifacts(artifact_uri=f"models:/{registered_name}@{alias}", dst_path=str(dst)))
+    folder = local / "artifacts" / "model"
+    return folder if folder.exists() else None

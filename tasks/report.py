@@ -44,3 +44,86 @@ def plot_ppo_curves(history: list[dict[str, float]], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_win_rates(rows: list[tuple[str, float, float, float]], path: str | Path) -> Path:
+    """Horizontal bars of win rates with their 95% intervals; ``rows`` are ``(label, rate, low, high)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.6 * len(rows)), constrained_layout=True)
+    labels = [r[0] for r in rows]
+    rates = [r[1] for r in rows]
+    errors = [[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]
+    ax.barh(labels, rates, xerr=errors, capsize=4, color="#4c72b0")
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate (95% interval); 0.5 = no better than SFT")
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _img(path: Path) -> str:
+    import base64
+
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
+
+
+def write_html_report(
+    path: str | Path,
+    metrics: dict[str, dict],
+    history: list[dict[str, float]],
+    samples: list[dict],
+    title: str = "RLHF evaluation report",
+) -> Path:
+    """A self-contained HTML report: headline figures per stage, PPO curves (reward, KL, length...), win rates with
+    intervals, and the sample table (prompt, SFT and PPO responses with their rewards).
+
+    Args:
+        path: the HTML file to write (PNG plots are embedded, so the file stands alone as an MLflow artifact).
+        metrics: ``{stage: {metric: value}}`` (the summary's stage metrics).
+        history: PPO's per-step figures.
+        samples: rows of ``samples.jsonl``.
+    """
+    import html
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}"
+             "th{background:#f3f3f3}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts.append("<h2>Figures</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>")
+    for stage, values in metrics.items():
+        for key, value in values.items():
+            shown = f"[{value[0]:.3f}, {value[1]:.3f}]" if isinstance(value, list) else (
+                f"{value:.4g}" if isinstance(value, float) else html.escape(str(value)))
+            parts.append(f"<tr><td>{stage}</td><td>{html.escape(key)}</td><td>{shown}</td></tr>")
+    parts.append("</table>")
+    with tempfile.TemporaryDirectory() as tmp:
+        if history:
+            parts.append("<h2>PPO over steps</h2>" + _img(plot_ppo_curves(history, Path(tmp) / "ppo.png")))
+        evaluation = metrics.get("evaluate", {})
+        rows = []
+        for key, label in (("win_rate_vs_sft", "PPO vs SFT (training RM)"),
+                           ("win_rate_vs_sft_judge", "PPO vs SFT (judge RM)")):
+            if key in evaluation and f"{key}_ci" in evaluation:
+                low, high = evaluation[f"{key}_ci"]
+                rows.append((label, evaluation[key], low, high))
+        if rows:
+            parts.append("<h2>Win rates</h2>" + _img(plot_win_rates(rows, Path(tmp) / "win.png")))
+    parts.append("<h2>Samples</h2><p>Held-out prompts (red-teaming data: may contain offensive text).</p>"
+                 "<table><tr><th>prompt</th><th>SFT</th><th>reward</th><th>PPO</th><th>reward</th></tr>")
+    for s in samples:
+        parts.append("<tr>" + "".join(f"<td>{html.escape(str(s[k]))}</td>" if not isinstance(s[k], float)
+                                      else f"<td>{s[k]:.3f}</td>"
+                                      for k in ("prompt", "sft_response", "sft_reward", "policy_response",
+                                                "policy_reward")) + "</tr>")
+    parts.append("</table></body></html>")
+    path.write_text("\n".join(parts))
+    return path

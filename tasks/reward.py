@@ -15,6 +15,7 @@ Held-out accuracy is reported with a 95% Wilson interval next to the trivial bas
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -166,6 +167,61 @@ def _train_finetune(
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step)}
 
 
+def _flat(frame) -> tuple[list[list[dict]], list[str]]:
+    """Comparisons -> parallel lists (prompt, response) with every response of every row, in order."""
+    prompts, texts = [], []
+    for r in frame.itertuples():
+        for text in r.responses:
+            prompts.append(list(r.prompt))
+            texts.append(text)
+    return prompts, texts
+
+
+def _per_row(values: torch.Tensor, frame) -> list[torch.Tensor]:
+    """Split a flat ``[sum K, ...]`` tensor back into one ``[K, ...]`` tensor per comparison."""
+    out, i = [], 0
+    for r in frame.itertuples():
+        out.append(values[i : i + len(r.responses)])
+        i += len(r.responses)
+    return out
+
+
+def _ranked_pairs(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ranked pair (w above l) of every comparison: ``([P, H] preferred, [P, H] other)``."""
+    chosen = torch.stack([r[w] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
+    rejected = torch.stack([r[l] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
+    return chosen, rejected
+
+
+def _head_scores(model: ScalarHeadModel, feats: torch.Tensor) -> torch.Tensor:
+    """Scores from cached last-token features: ``head(features) + bias``, ``[N]``."""
+    head = model.head
+    return head(feats.to(head.weight.dtype).to(head.weight.device)).squeeze(-1).float().cpu() + float(model.bias)
+
+
+def _fit_head(model: ScalarHeadModel, feats: torch.Tensor, frame, config: Config) -> dict[str, float]:
+    """Head-only mode: fit the linear head on frozen features (ridge chosen by cross-validation)."""
+    chosen, rejected = _ranked_pairs(_per_row(feats, frame))
+    l2, cv = choose_head_l2(chosen, rejected, config.reward.head_l2_candidates, seed=config.model.seed)
+    weight = fit_linear_head(chosen, rejected, l2)
+    with torch.no_grad():
+        model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
+    margins = (chosen - rejected) @ weight
+    return {"head_l2": l2, "head_cv_loglik": cv.get(l2, float("nan")), "steps": 1.0,
+            "train_loss": float(-torch.nn.functional.logsigmoid(margins).mean()),
+            "train_accuracy": float((margins > 0).float().mean())}
+
+
+def _held_out_metrics(scores: torch.Tensor, frame, prefix: str = "") -> dict[str, float | list]:
+    """Pairwise accuracy of ``scores`` (flat, in ``frame``'s order) with its 95% Wilson interval."""
+    rows = _per_row(scores, frame)
+    correct = sum(float(ranking_accuracy(r.view(1, -1))[0]) for r in rows)
+    low, high = wilson_interval(correct, len(rows))
+    return {f"{prefix}accuracy": correct / len(rows), f"{prefix}accuracy_ci": [low, high],
+            f"{prefix}mean_score_chosen": float(torch.stack([r[0] for r in rows]).mean()),
+            f"{prefix}mean_score_rejected": float(torch.stack([r[-1] for r in rows]).mean())}
+
+
 def run_reward(
     config: Config,
     prepared_dir: str | Path,
@@ -175,115 +231,105 @@ def run_reward(
 ) -> StageResult:
     """Train the reward model from the SFT model on train comparisons; evaluate on held-out (test) comparisons.
 
+    With ``reward.judge`` a second, independent **judge** RM is trained the same way on the ``reward.judge_split``
+    comparisons, which the training RM never sees, and evaluated on the same held-out pairs; evaluation uses it as the
+    "gold" reward to catch over-optimisation of the training ("proxy") RM (Gao et al. 2022). In head mode both heads
+    read the same frozen SFT features, so the held-out pairs are encoded once.
+
     Args:
         config: ``config.reward`` and ``config.model``.
         prepared_dir: folder with ``comparisons.parquet`` and ``demonstrations.parquet``.
         sft_model_path: the SFT model folder.
-        output_dir: the RM is saved to ``output_dir/model``.
+        output_dir: the RM is saved to ``output_dir/model``, the judge to ``output_dir/judge``.
         log: receives ``reward/loss``, ``reward/accuracy``, ``reward/grad_norm`` per step.
 
     Returns:
-        StageResult with ``paths.model`` and metrics ``accuracy`` (held-out pairwise accuracy), ``accuracy_ci``
-        (95% Wilson ``[low, high]``), ``accuracy_shorter_baseline``, ``eval_pairs``, ``train_pairs``, ``train_loss``,
-        ``train_accuracy``, ``normalization_bias``, ``mean_score_chosen``, ``mean_score_rejected``, ``wall_s``.
+        StageResult with ``paths.model`` (and ``paths.judge``) and metrics ``accuracy`` (held-out pairwise accuracy),
+        ``accuracy_ci`` (95% Wilson ``[low, high]``), ``accuracy_shorter_baseline``, ``eval_pairs``, ``train_pairs``,
+        ``train_loss``, ``train_accuracy``, ``normalization_bias``, ``mean_score_chosen``, ``mean_score_rejected``,
+        with a judge ``judge_accuracy``, ``judge_accuracy_ci``, ``judge_train_pairs``, ``judge_normalization_bias``;
+        ``wall_s``.
 
     Raises:
-        ValueError: when there are no train or no held-out comparisons.
+        ValueError: when there are no train or no held-out comparisons (or no judge comparisons with a judge).
     """
     start = time.time()
     cfg = config.reward
     output_dir = Path(output_dir)
     seed_everything(config.model.seed)
     device = resolve_device(config.model.device)
-    train = _select(load_prepared(prepared_dir, "comparisons", split="train"), cfg.max_train_pairs, config.model.seed)
-    held_out = _select(load_prepared(prepared_dir, "comparisons", split="test"), cfg.max_eval_pairs, config.model.seed)
+    seed = config.model.seed
+    train = _select(load_prepared(prepared_dir, "comparisons", split="train"), cfg.max_train_pairs, seed)
+    held_out = _select(load_prepared(prepared_dir, "comparisons", split="test"), cfg.max_eval_pairs, seed)
     if len(train) == 0 or len(held_out) == 0:
         raise ValueError(f"need train and test comparisons in {prepared_dir}: got {len(train)} and {len(held_out)}")
+    judge_train = None
+    if cfg.judge:
+        judge_train = _select(load_prepared(prepared_dir, "comparisons", split=cfg.judge_split), cfg.max_judge_pairs, seed)
+        if len(judge_train) == 0:
+            raise ValueError(f"reward.judge needs comparisons in the '{cfg.judge_split}' split of {prepared_dir}")
+    demos = load_prepared(prepared_dir, "demonstrations", split="train").head(64) if cfg.normalize else None
 
     tokenizer = load_tokenizer(sft_model_path)
-    model = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device))
-    model.eval()
-    metrics: dict[str, float | list] = {"train_pairs": float(len(train)), "eval_pairs": float(len(held_out))}
+    model = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
+    models = {"": model}
+    metrics: dict[str, float | list | str] = {
+        "train_pairs": float(len(train)), "eval_pairs": float(len(held_out)),
+        "accuracy_shorter_baseline": shorter_wins_accuracy([list(r.responses) for r in held_out.itertuples()]),
+    }
 
-    def flat(frame):
-        prompts, texts = [], []
-        for r in frame.itertuples():
-            for text in r.responses:
-                prompts.append(list(r.prompt))
-                texts.append(text)
-        return prompts, texts
-
-    def per_row(values: torch.Tensor, frame) -> list[torch.Tensor]:
-        out, i = [], 0
-        for r in frame.itertuples():
-            out.append(values[i : i + len(r.responses)])
-            i += len(r.responses)
-        return out
+    def encode(prompts, texts, what, scorer=None):
+        """Features of the frozen backbone (``scorer`` None) or scores of ``scorer``, with a progress display."""
+        chunk, out = max(cfg.batch_size * 4, 16), []
+        with progress(what, len(texts)) as advance:
+            for i in range(0, len(texts), chunk):
+                out.append(score_texts(scorer or model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk],
+                                       cfg.max_length, cfg.batch_size, features=scorer is None))
+                advance(len(texts[i : i + chunk]))
+        return torch.cat(out)
 
     if cfg.mode == "head":
         with torch.no_grad():
-            prompts, texts = flat(train)
-            feats = _features_with_progress(model, tokenizer, prompts, texts, cfg.max_length, cfg.batch_size, "RM features (train)")
-            rows = per_row(feats, train)
-            # every ranked pair (w above l) of each prompt becomes one difference
-            chosen = torch.stack([r[w] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
-            rejected = torch.stack([r[l] for r in rows for w in range(len(r)) for l in range(w + 1, len(r))])
-            l2, cv = choose_head_l2(chosen, rejected, cfg.head_l2_candidates, seed=config.model.seed)
-            weight = fit_linear_head(chosen, rejected, l2)
-            metrics.update(head_l2=l2, head_cv_loglik=cv.get(l2, float("nan")))
-            model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
-            margins = (chosen - rejected) @ weight
-            train_loss = float(-torch.nn.functional.logsigmoid(margins).mean())
-            metrics.update(train_loss=train_loss, train_accuracy=float((margins > 0).float().mean()), steps=1.0)
-            log({"reward/loss": train_loss, "reward/accuracy": metrics["train_accuracy"]}, 1)
+            metrics.update(_fit_head(model, encode(*_flat(train), "RM features (train)"), train, config))
+            log({"reward/loss": metrics["train_loss"], "reward/accuracy": metrics["train_accuracy"]}, 1)
+            if judge_train is not None:
+                judge = copy.deepcopy(model)
+                judge_fit = _fit_head(judge, encode(*_flat(judge_train), "judge features (judge split)"), judge_train, config)
+                metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k != "steps"})
+                models["judge_"] = judge
+            held_feats = encode(*_flat(held_out), "RM features (held-out)")
+            demo_feats = (encode([list(p) for p in demos.prompt], list(demos.response), "RM features (demos)")
+                          if demos is not None else None)
+            for prefix, m in models.items():
+                if demo_feats is not None:  # App. C.2: the demonstrations' mean score is 0
+                    m.bias.fill_(float(m.bias) - float(_head_scores(m, demo_feats).mean()))
+                metrics.update(_held_out_metrics(_head_scores(m, held_feats), held_out, prefix))
     else:
         metrics.update(_train_finetune(model, tokenizer, train, config, log))
+        if judge_train is not None:
+            judge = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
+            models["judge_"] = judge
+            judge_fit = _train_finetune(judge, tokenizer, judge_train, config, no_log)
+            metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k != "steps"})
+        with torch.no_grad():
+            for prefix, m in models.items():
+                if demos is not None:
+                    demo_scores = score_texts(m, tokenizer, [list(p) for p in demos.prompt], list(demos.response),
+                                              cfg.max_length, cfg.batch_size)
+                    m.bias.fill_(float(m.bias) - float(demo_scores.mean()))
+                scores = encode(*_flat(held_out), f"{prefix or 'RM '}scores (held-out)", scorer=m)
+                metrics.update(_held_out_metrics(scores, held_out, prefix))
+    for prefix, m in models.items():
+        metrics[f"{prefix}normalization_bias"] = float(m.bias)
+    if judge_train is not None:
+        metrics["judge_train_pairs"] = float(len(judge_train))
+    log({"reward/eval_accuracy": metrics["accuracy"]}, int(metrics.get("steps", 1)))
 
-    with torch.no_grad():
-        prompts, texts = flat(held_out)
-        scores = _scores_with_progress(model, tokenizer, prompts, texts, cfg.max_length, cfg.batch_size, "RM eval (held-out)")
-        rows = per_row(scores, held_out)
-        correct = sum(float(ranking_accuracy(r.view(1, -1))[0]) for r in rows)
-        accuracy = correct / len(rows)
-        low, high = wilson_interval(correct, len(rows))
-        metrics.update(
-            accuracy=accuracy,
-            accuracy_ci=[low, high],
-            accuracy_shorter_baseline=shorter_wins_accuracy([list(r.responses) for r in held_out.itertuples()]),
-            mean_score_chosen=float(torch.stack([r[0] for r in rows]).mean()),
-            mean_score_rejected=float(torch.stack([r[-1] for r in rows]).mean()),
-        )
-        bias = 0.0
-        if cfg.normalize:
-            demos = load_prepared(prepared_dir, "demonstrations", split="train").head(64)
-            demo_scores = score_texts(model, tokenizer, [list(p) for p in demos.prompt], list(demos.response),
-                                      cfg.max_length, cfg.batch_size)
-            bias = -float(demo_scores.mean())
-            model.bias.fill_(float(model.bias) + bias)
-        metrics["normalization_bias"] = float(model.bias)
-    log({"reward/eval_accuracy": accuracy}, int(metrics.get("steps", 1)))
-
-    model_dir = output_dir / "model"
-    model.to(torch.float32).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    paths = {}
+    for prefix, name in (("", "model"), ("judge_", "judge")):
+        if prefix in models:
+            models[prefix].to(torch.float32).save_pretrained(output_dir / name)
+            tokenizer.save_pretrained(output_dir / name)
+            paths[name] = str(output_dir / name)
     metrics["wall_s"] = time.time() - start
-    return StageResult("reward", paths={"model": str(model_dir)}, metrics=metrics)
-
-
-def _chunks_with_progress(fn, model, tokenizer, prompts, texts, max_length, batch_size, description):
-    chunk = max(batch_size * 4, 16)
-    out = []
-    with progress(description, len(texts)) as advance:
-        for i in range(0, len(texts), chunk):
-            out.append(fn(model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk], max_length, batch_size))
-            advance(len(texts[i : i + chunk]))
-    return torch.cat(out)
-
-
-def _features_with_progress(model, tokenizer, prompts, texts, max_length, batch_size, description):
-    fn = lambda m, t, p, x, ml, bs: score_texts(m, t, p, x, ml, bs, features=True)  # noqa: E731
-    return _chunks_with_progress(fn, model, tokenizer, prompts, texts, max_length, batch_size, description)
-
-
-def _scores_with_progress(model, tokenizer, prompts, texts, max_length, batch_size, description):
-    return _chunks_with_progress(score_texts, model, tokenizer, prompts, texts, max_length, batch_size, description)
+    return StageResult("reward", paths=paths, metrics=metrics)

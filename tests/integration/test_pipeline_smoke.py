@@ -88,10 +88,13 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     ppo = on_disk["stages"]["ppo"]["metrics"]
     assert ppo["kl"] == ppo["kl"] and ppo["episodes"] == 8  # not NaN; 2 steps x 4 episodes
     evaluate = on_disk["stages"]["evaluate"]["metrics"]
-    for key in ("win_rate_vs_sft", "mean_reward_policy", "mean_reward_sft", "kl_to_sft"):
+    for key in ("win_rate_vs_sft", "mean_reward_policy", "mean_reward_sft", "kl_to_sft", "ppl_sft", "ppl_policy"):
         assert isinstance(evaluate[key], float), key
     assert 0.0 <= evaluate["win_rate_vs_sft"] <= 1.0
+    assert evaluate["ppl_sft"] > 1.0 and evaluate["ppl_policy"] > 1.0
     assert (project / "runs/first/ppo/model/model.safetensors").exists()
+    sft = on_disk["stages"]["sft"]["metrics"]
+    assert sft["selection"] == "eval_loss" and sft["selected_epoch"] in (1.0, 2.0)  # no champion RM yet
 
     # DVC versioned the prepared data
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -116,15 +119,15 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     assert len(client.get_metric_history(by_name["ppo"].info.run_id, "ppo/kl")) == 2
     assert len(client.get_metric_history(by_name["sft"].info.run_id, "sft/loss")) >= 1
     artifacts = [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)]
-    assert "ppo_curves.png" in artifacts and "samples_table.json" in artifacts
+    assert {"ppo_curves.png", "samples_table.json", "report.html"} <= set(artifacts)
 
     # Registry: first versions are challenger and champion
     registered = {m["name"]: m for m in on_disk["registered_models"]}
     assert set(registered) == {"rlhf-policy", "rlhf-reward-model"}
     for name in registered:
         version = client.get_model_version_by_alias(name, "champion")
-        assert version.version == "1"
-        assert client.get_model_version_by_alias(name, "challenger").version == "1"
+        assert int(version.version) == 1
+        assert int(client.get_model_version_by_alias(name, "challenger").version) == 1
     assert sorted(registered["rlhf-policy"]["aliases"]) == ["challenger", "champion"]
 
     # Prefect: the flow run exists on the server and completed
@@ -133,13 +136,23 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     assert flow_run.state.is_completed()
     task_names = {t.name.rsplit("-", 1)[0] for t in _task_runs(summary["prefect_flow_run_id"])}
     assert {"validate", "sft", "reward", "ppo", "evaluate", "register"} <= task_names
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-evaluation"])))
+    assert any(str(a.flow_run_id) == summary["prefect_flow_run_id"] and "win rate" in a.data for a in artifacts)
+    report = (project / "runs/first/evaluate/report.html").read_text()
+    assert "<h2>PPO over steps</h2>" in report and "data:image/png;base64" in report
 
     # A second run: DVC skips the unchanged prepare stage; new versions are challengers, champion stays at 1
     second = _run_flow(project, "runs/second")
     assert second["data"]["version"] == on_disk["data"]["version"]
+    # a retrain picks the SFT epoch by the champion RM's mean score on validation prompts
+    assert second["stages"]["sft"]["metrics"]["selection"] == "mean_rm_score"
+    assert isinstance(second["stages"]["sft"]["metrics"]["selection_rm_score"], float)
     for name in registered:
-        assert client.get_model_version_by_alias(name, "champion").version == "1"
-        assert client.get_model_version_by_alias(name, "challenger").version == "2"
+        assert int(client.get_model_version_by_alias(name, "champion").version) == 1
+        assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
 
 
 def _task_runs(flow_run_id: str):

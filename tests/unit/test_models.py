@@ -127,7 +127,7 @@ def test_sft_batch_labels_learn_eos_and_mask_the_prompt(tiny_model_path, tokeniz
                     sft=SFTConfig(batch_size=1, max_length=128))
     trainer = SFTTrainer(
         model=load_causal_lm(tiny_model_path, CPU),
-        args=sft_training_args(config, tmp_path, CPU, 1),
+        args=sft_training_args(config, tmp_path, CPU, has_eval=False),
         train_dataset=Dataset.from_list(to_conversations(frame)),
         processing_class=tokenizer,
     )
@@ -187,3 +187,32 @@ def test_missing_eos_penalty_replaces_the_score(tiny_model_path, tokenizer):
     batch = score_rollout(rollout, policy, policy, value, value, cfg)
     assert batch["rewards"][:, -1].tolist() == pytest.approx([-5.0, -5.0])
     assert batch["kl"].abs().max().item() == 0.0
+
+
+def test_checkpoint_selector_keeps_the_lowest_eval_loss_epoch():
+    from tasks.sft import CheckpointSelector
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    selector = CheckpointSelector()
+    for epoch, (weight, loss) in enumerate([(1.0, 2.0), (2.0, 1.5), (3.0, 1.8)], start=1):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        selector.consider(model, loss, epoch)
+    selector.restore(model)
+    assert selector.criterion == "eval_loss"
+    assert selector.best_epoch == 2 and model.weight.item() == 2.0
+
+
+def test_checkpoint_selector_prefers_reward_model_score():
+    from tasks.sft import CheckpointSelector
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    # the RM prefers larger weights although eval loss gets worse
+    selector = CheckpointSelector(reward_model=object(), score_fn=lambda m: m.weight.item())
+    for epoch, (weight, loss) in enumerate([(1.0, 1.0), (3.0, 2.0), (2.0, 0.5)], start=1):
+        with torch.no_grad():
+            model.weight.fill_(weight)
+        selector.consider(model, loss, epoch)
+    selector.restore(model)
+    assert selector.criterion == "mean_rm_score"
+    assert selector.best_epoch == 2 and model.weight.item() == 3.0
