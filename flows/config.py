@@ -147,6 +147,7 @@ class PPOConfig(_Section):
     ptx_batch_size: int = 2
     ptx_max_tokens: int = 128
     ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
+    checkpoint_every: int = 0  # steps between checkpoints in output_dir/ppo/checkpoints (0: none); resumed on rerun
 
 
 class EvaluateConfig(_Section):

@@ -201,6 +201,79 @@ class EMA:
             state[key].copy_(value)
 
 
+class _Counting:
+    """Wraps an iterator and counts the items drawn (so a resumed run can fast-forward the PPO-ptx stream)."""
+
+    def __init__(self, iterator, skip: int = 0):
+        self.iterator, self.count = iterator, 0
+        for _ in range(skip):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        return next(self.iterator)
+
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def save_checkpoint(output_dir: Path, step: int, policy, value_model, state: dict, keep: int = 1) -> Path:
+    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically (temp folder, then rename): policy and value model
+    (safetensors), optimisers, RNG states, data position, KL coefficient, EMA weights and the step history. Older
+    checkpoints beyond the last ``keep`` are removed."""
+    import shutil
+    import tempfile
+
+    root = output_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    policy.save_pretrained(tmp / "policy", safe_serialization=True)
+    value_model.save_pretrained(tmp / "value")
+    torch.save(state, tmp / "state.pt")
+    final = root / f"step-{step:06d}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
+    """The newest complete checkpoint of this configuration in ``output_dir`` (``None`` if there is none)."""
+    import shutil
+
+    root = output_dir / CHECKPOINT_DIR
+    for tmp in root.glob(".tmp-*"):  # a write cut short by a kill
+        shutil.rmtree(tmp, ignore_errors=True)
+    for candidate in sorted(root.glob("step-*"), reverse=True):
+        if (candidate / "state.pt").exists():
+            state = torch.load(candidate / "state.pt", weights_only=False)
+            if state.get("config_hash") == config_hash:
+                return candidate
+    return None
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 − Var[R − V] / Var[R]`` over the masked tokens (1 is perfect, ≤ 0 is no better than a constant)."""
     var_returns = masked_var(returns, mask)
@@ -231,6 +304,10 @@ def run_ppo(
         step, nats), ``mean_reward`` (mean RM score of the last step's rollouts), ``mean_reward_first`` (the same at step
         1), ``mean_total_reward``, ``response_length``, ``episodes``, ``steps``, ``wall_s``.
 
+    Checkpoints (``ppo.checkpoint_every`` > 0) go to ``output_dir/checkpoints``; a later call with the same
+    configuration, inputs and ``output_dir`` resumes from the newest one (models, optimisers, RNG states, prompt order,
+    KL coefficient, EMA, PPO-ptx position, history) and ends with the same metrics as an uninterrupted run on CPU.
+
     Raises:
         ValueError: when policy and reward model do not share a tokenizer, or there are no train prompts.
     """
@@ -248,10 +325,14 @@ def run_ppo(
         raise ValueError(f"no train prompts in {prepared_dir}")
     queries = [chat_prompt_ids(tokenizer, list(p), cfg.max_prompt_tokens) for p in prompts.prompt]
 
-    policy = load_causal_lm(sft_model_path, device, dtype)
+    # a checkpoint of the same configuration and inputs in output_dir is resumed (ppo.checkpoint_every > 0)
+    config_hash = f"{config.section_hash('ppo')}:{config.model.seed}:{sft_model_path}:{reward_model_path}"
+    resume = latest_checkpoint(output_dir, config_hash) if cfg.checkpoint_every > 0 else None
+    state = torch.load(resume / "state.pt", weights_only=False) if resume else None
+    policy = load_causal_lm(resume / "policy" if resume else sft_model_path, device, dtype)
     reference = load_causal_lm(sft_model_path, device, dtype).eval().requires_grad_(False)
     reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval().requires_grad_(False)
-    value_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype)
+    value_model = ScalarHeadModel.from_pretrained(resume / "value" if resume else reward_model_path, device, dtype)
     policy.eval()
     value_model.eval()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -262,14 +343,30 @@ def run_ppo(
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
-    ptx_batches = None
-    if cfg.ptx_coef > 0:
-        ptx_batches = pretraining_batches(pretraining_texts(config, prepared_dir), tokenizer, cfg.ptx_batch_size,
-                                          cfg.ptx_max_tokens, torch.Generator().manual_seed(config.model.seed + 1), device)
     order: list[int] = []
     history: list[dict[str, float]] = []
+    first_step = 1
+    if state is not None:
+        policy_opt.load_state_dict(state["policy_opt"])
+        value_opt.load_state_dict(state["value_opt"])
+        generator.set_state(state["generator"])
+        _set_rng_state(state["rng"])
+        kl_ctl.value = state["kl_coef"]
+        if ema is not None:
+            ema.shadow = state["ema"]
+        order, history, first_step = state["order"], state["history"], state["step"] + 1
+        for step, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
+            log(figures, step)
+    ptx_batches = None
+    if cfg.ptx_coef > 0:
+        ptx_batches = _Counting(pretraining_batches(pretraining_texts(config, prepared_dir), tokenizer,
+                                                    cfg.ptx_batch_size, cfg.ptx_max_tokens,
+                                                    torch.Generator().manual_seed(config.model.seed + 1), device),
+                                skip=state["ptx_drawn"] if state else 0)
     with progress("PPO", cfg.steps) as advance:
-        for step in range(1, cfg.steps + 1):
+        if first_step > 1:
+            advance(first_step - 1)
+        for step in range(first_step, cfg.steps + 1):
             while len(order) < cfg.batch_size:
                 order += torch.randperm(len(queries), generator=generator).tolist()
             picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
@@ -305,6 +402,14 @@ def run_ppo(
             history.append(figures)
             log(figures, step)
             advance(1, score=figures["ppo/score"], kl=figures["ppo/kl"], clip=figures["ppo/clipfrac"])
+            if cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                save_checkpoint(output_dir, step, policy, value_model, {
+                    "config_hash": config_hash, "step": step, "order": order, "history": history,
+                    "generator": generator.get_state(), "rng": _rng_state(), "kl_coef": kl_ctl.value,
+                    "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
+                    "ema": ema.shadow if ema is not None else None,
+                    "ptx_drawn": ptx_batches.count if ptx_batches is not None else 0,
+                })
 
     if ema is not None:
         ema.copy_to(policy)
@@ -324,6 +429,7 @@ def run_ppo(
         "approx_kl": last["ppo/approx_kl"],
         "episodes": float(cfg.steps * cfg.batch_size),
         "steps": float(cfg.steps),
+        "resumed_from_step": float(first_step - 1),
         "wall_s": time.time() - start,
     }
     return StageResult("ppo", paths={"model": str(model_dir), "history": str(output_dir / "history.json")},
