@@ -55,3 +55,15 @@ def tokenizer(tiny_model_path):
     from models.loading import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def prepared_data(tmp_path_factory, shared_data) -> Path:
+    """The real data through the gate into a temporary prepared folder (once per test session)."""
+    from flows.config import load_config
+    from tasks.validate import run_validate
+
+    config = load_config(PROJECT_ROOT / "params.yaml", "smoke")
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    run_validate(config.data, prepared_dir=out)
+    return out

@@ -85,6 +85,9 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     low, high = reward["accuracy_ci"]
     assert low <= reward["accuracy"] <= high
     assert 0.0 <= reward["accuracy_shorter_baseline"] <= 1.0
+    assert isinstance(reward["normalization_bias"], float)
+    low, high = reward["judge_accuracy_ci"]
+    assert low <= reward["judge_accuracy"] <= high and reward["judge_train_pairs"] == 16
     ppo = on_disk["stages"]["ppo"]["metrics"]
     assert ppo["kl"] == ppo["kl"] and ppo["episodes"] == 8  # not NaN; 2 steps x 4 episodes
     evaluate = on_disk["stages"]["evaluate"]["metrics"]
@@ -92,6 +95,12 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
         assert isinstance(evaluate[key], float), key
     assert 0.0 <= evaluate["win_rate_vs_sft"] <= 1.0
     assert evaluate["ppl_sft"] > 1.0 and evaluate["ppl_policy"] > 1.0
+    low, high = evaluate["win_rate_vs_sft_judge_ci"]
+    assert low <= evaluate["win_rate_vs_sft_judge"] <= high
+    # a random tiny judge cannot beat the shorter-reply baseline with certainty: the verdict must say so
+    if not evaluate["judge_informative"]:
+        assert "carry no information" in evaluate["judge_verdict"]
+    assert (project / "runs/first/reward/judge/model.safetensors").exists()
     assert (project / "runs/first/ppo/model/model.safetensors").exists()
     sft = on_disk["stages"]["sft"]["metrics"]
     assert sft["selection"] == "eval_loss" and sft["selected_epoch"] in (1.0, 2.0)  # no champion RM yet

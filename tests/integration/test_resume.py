@@ -29,21 +29,17 @@ OVERRIDES = ["ppo.steps=4", "ppo.checkpoint_every=1", "ppo.batch_size=4", "ppo.m
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, shared_data, tiny_model_path):
+def inputs(tmp_path_factory, prepared_data, tiny_model_path):
     """Prepared real data, the tiny model as SFT model, and a reward model built from it."""
-    from flows.config import load_config
     from models.loading import load_tokenizer
     from models.reward_model import ScalarHeadModel
-    from tasks.validate import run_validate
 
     root = tmp_path_factory.mktemp("resume")
-    config = load_config(PROJECT_ROOT / "params.yaml", "smoke")
-    run_validate(config.data, prepared_dir=root / "prepared")
     torch.manual_seed(0)
     rm = ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu"))
     rm.save_pretrained(root / "rm")
     load_tokenizer(tiny_model_path).save_pretrained(root / "rm")
-    return root / "prepared", str(tiny_model_path), str(root / "rm")
+    return prepared_data, str(tiny_model_path), str(root / "rm")
 
 
 def _run(inputs, out: Path):

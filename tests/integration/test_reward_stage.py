@@ -1,0 +1,38 @@
+"""The reward stage on the real data with the tiny model: normalisation, judge, head-only mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tiny_model_path, tmp_path):
+    from flows.config import load_config
+    from models.loading import load_tokenizer
+    from models.reward_model import ScalarHeadModel, score_texts
+    from tasks.data import load_prepared
+    from tasks.reward import run_reward
+
+    config = load_config(PROJECT_ROOT / "params.yaml", "smoke", [f"reward.mode={mode}", "reward.max_train_pairs=24"])
+    result = run_reward(config, prepared_data, tiny_model_path, tmp_path)
+    m = result.metrics
+    assert m["train_pairs"] == 24 and m["eval_pairs"] == 16 and m["judge_train_pairs"] == 16
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
+    if mode == "head":
+        assert m["head_l2"] in config.reward.head_l2_candidates
+
+    # App. C.2: the saved RM's mean score on the SFT demonstrations is 0, and the bias is stored with the model
+    rm = ScalarHeadModel.from_pretrained(result.paths["model"], torch.device("cpu")).eval()
+    assert float(rm.bias) == pytest.approx(m["normalization_bias"], abs=1e-5)
+    demos = load_prepared(prepared_data, "demonstrations", split="train").head(64)
+    scores = score_texts(rm, load_tokenizer(result.paths["model"]), [list(p) for p in demos.prompt],
+                         list(demos.response), config.reward.max_length)
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-3)
+    # the judge is a different model (trained on the validation split)
+    judge = ScalarHeadModel.from_pretrained(result.paths["judge"], torch.device("cpu"))
+    assert not torch.equal(judge.head.weight, rm.head.weight)
