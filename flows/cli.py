@@ -31,6 +31,24 @@ def _console():
     return Console(stderr=True)
 
 
+def _load_config_or_exit(console, path: Path, profile: str | None = None, overrides: list[str] | None = None):
+    """``load_config`` with its errors (missing file, unknown profile, bad override, wrong value) as one clear line
+    and exit code 2 instead of a traceback."""
+    from pydantic import ValidationError
+
+    from flows.config import load_config
+
+    try:
+        return load_config(path, profile, overrides)
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            console.print(f"[bold red]invalid configuration in {path}[/]: {problems}")
+        else:
+            console.print(f"[bold red]configuration error[/]: {exc}")
+        raise typer.Exit(2)
+
+
 @app.command()
 def run(
     profile: str = typer.Option("demo", help="smoke (tiny model, minutes) | demo (SmolLM2-135M, <20 min on 2 CPU cores) | full (GPU worker)"),
@@ -40,10 +58,8 @@ def run(
 ) -> None:
     """Run the whole pipeline: validate → SFT → reward model → PPO → evaluate → register."""
     _quiet_defaults()
-    from flows.config import load_config
-
     console = _console()
-    cfg = load_config(config, profile, set_)
+    cfg = _load_config_or_exit(console, config, profile, set_)
     project_dir = config.resolve().parent
     out = output_dir or Path("runs") / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not out.is_absolute():
@@ -113,12 +129,11 @@ def prepare(
 ) -> None:
     """Ingest the configured sources, run the GX gate and write the prepared datasets (the DVC `prepare` stage)."""
     _quiet_defaults()
-    from flows.config import load_config
     from flows.pipeline import failure_file, prepare_data
     from tasks.validate import ValidationFailed
 
     console = _console()
-    cfg = load_config(config)
+    cfg = _load_config_or_exit(console, config)
     failure = failure_file(cfg)
     failure.unlink(missing_ok=True)
     try:
@@ -141,16 +156,13 @@ def validate(
 ) -> None:
     """Run the Great Expectations gate alone; exits non-zero when it fails, naming the rows and rules."""
     _quiet_defaults()
-    from flows.config import SourceConfig, load_config
+    from flows.config import SourceConfig
     from flows.pipeline import token_counter
     from tasks.data import COMPARISON_FORMATS, DataError, detect_format, read_rows
     from tasks.validate import ValidationFailed, run_validate
 
     console = _console()
-    cfg = load_config(config) if config.exists() else None
-    if cfg is None:
-        console.print(f"[bold red]configuration file not found: {config}[/]")
-        raise typer.Exit(2)
+    cfg = _load_config_or_exit(console, config)
     data_cfg = cfg.data
     if data is not None:
         if not data.exists():

@@ -50,3 +50,19 @@ def test_validate_missing_file_is_a_clear_error(tmp_path):
                                  "--data", str(tmp_path / "nope.jsonl")])
     assert result.exit_code == 2
     assert "data file not found" in result.output and "nope.jsonl" in result.output
+
+
+def test_run_configuration_errors_are_one_clear_line(tmp_path):
+    params = str(PROJECT_ROOT / "params.yaml")
+    cases = [
+        (["run", "--config", str(tmp_path / "missing.yaml")], "configuration file not found"),
+        (["run", "--config", params, "--profile", "huge"], "unknown profile 'huge'"),
+        (["run", "--config", params, "--set", "ppo.steps=abc"], "ppo.steps"),
+        (["run", "--config", params, "--set", "ppo.stepz=3"], "ppo.stepz"),
+        (["run", "--config", params, "--set", "nonsense"], "section.key=value"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert expected in result.output, (args, result.output)
+        assert "Traceback" not in result.output

@@ -216,3 +216,30 @@ def test_checkpoint_selector_prefers_reward_model_score():
     selector.restore(model)
     assert selector.criterion == "mean_rm_score"
     assert selector.best_epoch == 2 and model.weight.item() == 3.0
+
+
+def test_ppo_ptx_adds_the_pretraining_lm_loss(tiny_model_path, tokenizer):
+    """PPO-ptx: each minibatch update also descends gamma * LM loss on a pretraining batch (InstructGPT eq. 2)."""
+    from models.losses import gae, lm_loss
+    from tasks.ppo import pretraining_batches, ppo_update, score_rollout
+
+    torch.manual_seed(0)
+    policy = load_causal_lm(tiny_model_path, CPU).eval()
+    value = ScalarHeadModel.from_pretrained(tiny_model_path, CPU).eval()
+    texts = ["Human: hello there\n\nAssistant: hi, how can I help?"] * 4
+    batches = pretraining_batches(texts, tokenizer, 2, 32, torch.Generator().manual_seed(0), CPU)
+    ptx_ids, ptx_mask = next(pretraining_batches(texts, tokenizer, 2, 32, torch.Generator().manual_seed(0), CPU))
+    with torch.no_grad():
+        before = lm_loss(policy(input_ids=ptx_ids, attention_mask=ptx_mask).logits, ptx_ids, ptx_mask).item()
+    rollout = sample_responses(policy, tokenizer, [chat_prompt_ids(tokenizer, MESSAGES)] * 2, max_new_tokens=4)
+    cfg = PPOConfig(ptx_coef=1.0, mini_batch_size=2, learning_rate=1e-3)
+    batch = score_rollout(rollout, policy, policy, value, value, cfg)
+    adv, ret = gae(batch["rewards"], batch["values"], batch["mask"])
+    opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
+    vopt = torch.optim.SGD(value.parameters(), lr=0.0)
+    stats = ppo_update(rollout, batch, torch.zeros_like(adv), ret, policy, value, opt, vopt, cfg,
+                       torch.Generator().manual_seed(0), batches)
+    assert stats["ptx_loss"] == pytest.approx(before, rel=1e-4)  # measured before the step
+    with torch.no_grad():
+        after = lm_loss(policy(input_ids=ptx_ids, attention_mask=ptx_mask).logits, ptx_ids, ptx_mask).item()
+    assert after < before  # with zero advantages only the PTX term moves the policy: towards the text
