@@ -5,6 +5,7 @@ Heavy libraries are imported inside the commands so ``rlhf --help`` stays fast (
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import time
@@ -12,6 +13,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+class Kind(str, enum.Enum):
+    auto = "auto"
+    comparisons = "comparisons"
+    demonstrations = "demonstrations"
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The InstructGPT recipe as Prefect flows tracked in MLflow.")
 
@@ -28,7 +35,7 @@ def _quiet_defaults() -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and CI keep whole lines
 
 
 def _load_config_or_exit(console, path: Path, profile: str | None = None, overrides: list[str] | None = None):
@@ -116,7 +123,7 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     uri = summary.get("tracking_uri", "")
     console.print(
         f"\nsummary: {out / 'summary.json'}\n"
-        f"MLflow:  mlflow ui --backend-store-uri {uri}   (parent run {summary['mlflow_parent_run_id']})\n"
+        f"MLflow:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}   (parent run {summary['mlflow_parent_run_id']})\n"
         f"Prefect: flow run {summary['prefect_flow_run_id']} (temporary server unless PREFECT_API_URL is set; "
         "`prefect server start` keeps a dashboard)"
     )
@@ -150,7 +157,7 @@ def prepare(
 @app.command()
 def validate(
     data: Optional[Path] = typer.Option(None, help="one data file to check (default: the sources in the config)"),
-    kind: str = typer.Option("auto", help="comparisons | demonstrations | auto (from the file's rows)"),
+    kind: Kind = typer.Option(Kind.auto, help="what the file holds; auto: from its first row"),
     config: Path = typer.Option(Path("params.yaml"), help="parameter file (budgets, split, policy)"),
     strict: bool = typer.Option(False, help="fail on any malformed row (default: the config's policy)"),
 ) -> None:
@@ -168,13 +175,24 @@ def validate(
         if not data.exists():
             console.print(f"[bold red]data file not found: {data}[/]")
             raise typer.Exit(2)
-        try:
-            if kind == "auto":
+        if data.is_dir():
+            console.print(f"[bold red]{data} is a folder; give one data file[/]")
+            raise typer.Exit(2)
+        kind = kind.value
+        if kind == "auto":
+            try:
                 _, first = next(iter(read_rows(data)))
+            except StopIteration:
+                console.print(f"[bold red]{data} holds no rows[/]")
+                raise typer.Exit(1)
+            except (DataError, ValueError) as exc:
+                console.print(f"[bold red]cannot read {data}: {exc}[/]")
+                raise typer.Exit(1)
+            try:
                 kind = "comparisons" if detect_format(first) in COMPARISON_FORMATS else "demonstrations"
-        except (DataError, StopIteration, ValueError) as exc:
-            console.print(f"[bold red]cannot read {data}: {exc}[/]")
-            raise typer.Exit(1)
+            except (DataError, ValueError) as exc:
+                console.print(f"[bold red]{data} row 1: {exc}[/]")
+                raise typer.Exit(1)
         source = SourceConfig(name=data.name, path=str(data.resolve()))
         other = "demonstrations" if kind == "comparisons" else "comparisons"
         data_cfg = data_cfg.model_copy(update={kind: [source], other: [],

@@ -79,11 +79,11 @@ class ModelConfig(_Section):
 class SFTConfig(_Section):
     """Supervised fine-tuning (InstructGPT App. C.1)."""
 
-    max_examples: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 2e-5
+    max_examples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
     min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak LR
     max_length: int = 256
     eval_examples: int | None = 16
@@ -99,11 +99,11 @@ class RewardConfig(_Section):
 
     mode: Literal["head", "top_layers", "full"] = "head"
     top_layers: int = 6
-    max_train_pairs: int | None = 300
-    max_eval_pairs: int | None = 300
-    epochs: int = 1
-    batch_size: int = 4
-    learning_rate: float = 1e-5
+    max_train_pairs: int | None = Field(300, ge=1)
+    max_eval_pairs: int | None = Field(300, ge=1)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
     # ridge strengths tried by 5-fold cross-validation in the head-only mode (logistic regression on frozen features)
     head_l2_candidates: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
     max_length: int = 384
@@ -117,13 +117,13 @@ class RewardConfig(_Section):
 class PPOConfig(_Section):
     """PPO against the reward model with a per-token KL penalty (InstructGPT §3.5, App. C.4)."""
 
-    steps: int = 8
-    batch_size: int = 8  # episodes per rollout
-    mini_batch_size: int = 4
-    ppo_epochs: int = 1
-    learning_rate: float = 1e-5
-    value_learning_rate: float = 1e-5
-    kl_coef: float = 0.02  # beta
+    steps: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # episodes per rollout
+    mini_batch_size: int = Field(4, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    value_learning_rate: float = Field(1e-5, gt=0)
+    kl_coef: float = Field(0.02, ge=0)  # beta
     # adaptive KL controller (Ziegler et al. 2019 §2.2): beta follows the measured KL towards kl_target
     adaptive_kl: bool = False
     kl_target: float = 6.0
@@ -133,11 +133,11 @@ class PPOConfig(_Section):
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
-    max_prompt_tokens: int = 128
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    max_prompt_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
     max_grad_norm: float = 1.0
@@ -147,16 +147,22 @@ class PPOConfig(_Section):
     ptx_batch_size: int = 2
     ptx_max_tokens: int = 128
     ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
-    checkpoint_every: int = 0  # steps between checkpoints in output_dir/ppo/checkpoints (0: none); resumed on rerun
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints in output_dir/ppo/checkpoints (0: none)
+
+    @model_validator(mode="after")
+    def _check_minibatches(self) -> "PPOConfig":
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
+        return self
 
 
 class EvaluateConfig(_Section):
     """Evaluation on held-out prompts."""
 
-    num_prompts: int = 32
-    max_prompt_tokens: int = 128
-    max_new_tokens: int = 48
-    batch_size: int = 8
+    num_prompts: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(8, ge=1)
     temperature: float = 1.0  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
     top_p: float = 1.0
     ppl_texts: int = 32  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
@@ -233,13 +239,16 @@ def load_config(
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: for an unknown profile or a malformed override.
+        ValueError: for an unknown profile, a malformed override or a file that is not YAML.
         pydantic.ValidationError: when a value has the wrong type or an unknown key (the message names the key).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"configuration file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}".replace('"<unicode string>"', str(path))) from None
     profiles = raw.pop("profiles", {}) or {}
     name = profile or raw.get("profile") or "demo"
     if name not in PROFILES:

@@ -84,6 +84,14 @@ def prepare_data(config: Config, strict: bool = False) -> dict:
                         strict=strict)
 
 
+def _dvc_params_match(project: Path, config: Config) -> bool:
+    """Whether the DVC ``prepare`` stage (which reads ``project/params.yaml``) would use this run's data section."""
+    from flows.config import load_config
+
+    params = project / "params.yaml"
+    return params.exists() and load_config(params).data == config.data
+
+
 def failure_file(config: Config) -> Path:
     """Where ``rlhf prepare`` writes the gate's failure message (outside the DVC output, which DVC clears)."""
     return Path(config.data.prepared_dir).parent / "validation_failure.txt"
@@ -124,14 +132,16 @@ def validate_task(config: Config, project_dir: str, ctx: dict) -> dict:
 
     logger = get_run_logger()
     project = Path(project_dir)
-    params = {f"data.{k}": v for k, v in config.flat_params().items() if k.startswith("data.")}
+    params = {k: v for k, v in config.flat_params().items() if k.startswith("data.")}
     with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], "validate", params, ctx["tags"]) as (run_id, _):
         start = time.time()
-        if is_dvc_repo(project):
+        if is_dvc_repo(project) and _dvc_params_match(project, config):
             logger.info("dvc repro prepare (DVC-versioned data in %s)", config.data.prepared_dir)
             dvc_repro_prepare(project, config)
         else:
-            logger.warning("%s is not a DVC repository: preparing the data without DVC versioning", project)
+            logger.warning("preparing the data without DVC versioning: %s", "the data section differs from "
+                           f"{project / 'params.yaml'} (--config/--set)" if is_dvc_repo(project)
+                           else f"{project} is not a DVC repository")
             prepare_data(config)
         prepared = Path(config.data.prepared_dir)
         version = data_version(prepared)
@@ -195,7 +205,8 @@ def sft_task(config: Config, prepared_dir: str, ctx: dict) -> dict:
         from tasks.registry import download_model_dir
 
         selection_rm = download_model_dir(config.registry.reward_model_name, "champion",
-                                          Path(ctx["output_dir"]) / "sft" / "champion-rm")
+                                          Path(ctx["output_dir"]) / "sft" / "champion-rm",
+                                          required_tags={"rlhf.base_model": config.model.base})
         get_run_logger().info("SFT checkpoint selection by %s", f"the champion RM's mean score ({selection_rm})"
                               if selection_rm else "validation loss (no champion reward model yet)")
 
@@ -322,7 +333,7 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
     summary = Summary(out / "summary.json")
     experiment_id = tracking.setup_mlflow(project, config.registry.experiment)
     flow_run_id = str(flow_run.id) if flow_run.id else None
-    tags = {"rlhf.profile": config.profile, "rlhf.git_commit": git_commit(project),
+    tags = {"rlhf.profile": config.profile, "rlhf.base_model": config.model.base, "rlhf.git_commit": git_commit(project),
             "rlhf.prefect_flow_run_id": flow_run_id or "", "rlhf.params_hash": _params_hash(config)}
     parent = tracking.start_parent_run(experiment_id, f"rlhf-{config.profile}", config.flat_params(), tags)
     summary.data.update(mlflow_parent_run_id=parent, prefect_flow_run_id=flow_run_id, output_dir=str(out),
@@ -365,10 +376,11 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
         current = "register"
         summary.data["registered_models"] = register_task(config, ppo["paths"]["model"], rm["paths"]["model"], ctx)
         summary.write()
-    except BaseException:
+    except BaseException as exc:
         if current in summary.data["stages"]:
             summary.stage(current, "failed")
         summary.data["failed_stage"] = current
+        summary.data["error"] = f"{type(exc).__name__}: {exc}"
         summary.write()
         tracking.end_run(parent, "FAILED")
         raise

@@ -71,7 +71,7 @@ def progress(description: str, total: int | None, every_s: float = 10.0):
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
 
     def fmt(figures: dict) -> str:
         return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())

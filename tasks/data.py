@@ -402,6 +402,8 @@ def detect_format(row: Any) -> str:
         MalformedRow: ``unknown_format`` when the keys match no supported format.
     """
     if not isinstance(row, dict):
+        if isinstance(row, _BadRow):  # e.g. a line that is not JSON
+            raise MalformedRow(row.rule, row.detail)
         raise MalformedRow("not_an_object", f"row is {type(row).__name__}, expected an object")
     keys = set(row)
     if "messages" in keys:
@@ -428,8 +430,8 @@ class _BadRow:
 
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")  # tolerate a byte-order mark (exports from Windows tools)
 
 
 def _base_suffix(path: Path) -> str:

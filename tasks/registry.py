@@ -93,10 +93,6 @@ def log_and_register(
         tags=tags,
     )
     client = MlflowClient()
-    try:
-        client.get_registered_model(registered_name)
-    except MlflowException:
-        client.create_registered_model(registered_name, description=f"InstructGPT-recipe {kind} (rlhf-pipeline)")
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(registered_name, CHALLENGER, version.version)
@@ -108,16 +104,21 @@ def log_and_register(
     return {"name": registered_name, "version": int(version.version), "aliases": aliases, "model_uri": info.model_uri}
 
 
-def download_model_dir(registered_name: str, alias: str, dst: str | Path) -> Path | None:
+def download_model_dir(
+    registered_name: str, alias: str, dst: str | Path, required_tags: dict[str, str] | None = None
+) -> Path | None:
     """The transformers folder of ``registered_name@alias`` downloaded into ``dst``; ``None`` when the registered
-    model or the alias does not exist (a first run has no champion)."""
+    model or the alias does not exist (a first run has no champion), or when the version lacks one of
+    ``required_tags`` (e.g. a reward model built on another base model)."""
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     try:
-        MlflowClient().get_model_version_by_alias(registered_name, alias)
+        version = MlflowClient().get_model_version_by_alias(registered_name, alias)
     except MlflowException:
+        return None
+    if any(version.tags.get(k) != v for k, v in (required_tags or {}).items()):
         return None
     local = Path(download_artifacts(artifact_uri=f"models:/{registered_name}@{alias}", dst_path=str(dst)))
     folder = local / "artifacts" / "model"

@@ -66,3 +66,27 @@ def test_run_configuration_errors_are_one_clear_line(tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert expected in result.output, (args, result.output)
         assert "Traceback" not in result.output
+
+
+def test_validate_edge_files(tmp_path):
+    params = str(PROJECT_ROOT / "params.yaml")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    result = runner.invoke(app, ["validate", "--config", params, "--data", str(empty)])
+    assert result.exit_code == 1 and "holds no rows" in result.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"chosen": "x", \n')
+    result = runner.invoke(app, ["validate", "--config", params, "--data", str(broken)])
+    assert result.exit_code == 1 and "row 1" in result.output and "invalid_json" in result.output
+    result = runner.invoke(app, ["validate", "--config", params, "--data", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output
+    result = runner.invoke(app, ["validate", "--config", params, "--data", str(empty), "--kind", "foo"])
+    assert result.exit_code == 2  # not a kind: refused, not silently validating something else
+    bad_yaml = tmp_path / "params.yaml"
+    bad_yaml.write_text("data: [unclosed\n")
+    result = runner.invoke(app, ["run", "--config", str(bad_yaml)])
+    assert result.exit_code == 2 and "is not valid YAML" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["run", "--config", params, "--set", "ppo.mini_batch_size=3"])
+    assert result.exit_code == 2 and "must divide" in result.output
+    result = runner.invoke(app, ["run", "--config", params, "--set", "ppo.steps=-3"])
+    assert result.exit_code == 2 and "ppo.steps" in result.output

@@ -132,12 +132,15 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
 
     # Registry: first versions are challenger and champion
     registered = {m["name"]: m for m in on_disk["registered_models"]}
-    assert set(registered) == {"rlhf-policy", "rlhf-reward-model"}
+    assert set(registered) == {"rlhf-policy-smoke", "rlhf-reward-model-smoke"}  # the smoke profile's names
     for name in registered:
         version = client.get_model_version_by_alias(name, "champion")
         assert int(version.version) == 1
         assert int(client.get_model_version_by_alias(name, "challenger").version) == 1
-    assert sorted(registered["rlhf-policy"]["aliases"]) == ["challenger", "champion"]
+    assert sorted(registered["rlhf-policy-smoke"]["aliases"]) == ["challenger", "champion"]
+    version = client.get_model_version_by_alias("rlhf-policy-smoke", "champion")
+    assert version.tags["rlhf.base_model"] == "tiny-random" and version.tags["rlhf.profile"] == "smoke"
+    assert version.tags["rlhf.data_version"] == on_disk["data"]["version"]
 
     # Prefect: the flow run exists on the server and completed
     with get_client(sync_client=True) as prefect:
