@@ -10,7 +10,7 @@ from tests.conftest import PROJECT_ROOT
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("mode", ["head", "full"])
+@pytest.mark.parametrize("mode", ["head", "top_layers", "full"])
 def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tiny_model_path, tmp_path):
     from flows.config import load_config
     from models.loading import load_tokenizer
@@ -25,6 +25,8 @@ def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tin
     assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]
     if mode == "head":
         assert m["head_l2"] in config.reward.head_l2_candidates
+    else:
+        assert m["steps"] == 6.0  # 24 pairs in batches of 4, one epoch
 
     # App. C.2: the saved RM's mean score on the SFT demonstrations is 0, and the bias is stored with the model
     rm = ScalarHeadModel.from_pretrained(result.paths["model"], torch.device("cpu")).eval()
