@@ -211,7 +211,7 @@ def _trl_worker(spec: dict) -> dict:
 
     gen: list[tuple[float, int]] = []
     original = trl_ppo.batch_generation
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
 
     def timed_generation(model, queries, *a, **kw):
         t0 = time.perf_counter()

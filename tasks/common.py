@@ -9,7 +9,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -119,5 +119,3 @@ def batched(items: list, size: int) -> list[list]:
     """Consecutive chunks of ``items`` of at most ``size`` (the last may be shorter)."""
     return [items[i : i + size] for i in range(0, len(items), size)]
 
-
-Callback = Callable[[dict[str, float], int], None]

@@ -40,7 +40,7 @@ from models.losses import (
     ppo_value_loss,
 )
 from models.policy import Rollout, response_logprobs, sample_responses
-from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences, position_ids_from_mask
+from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences
 from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything
 from tasks.data import load_prepared
 
