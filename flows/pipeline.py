@@ -128,7 +128,7 @@ def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(config: Config, project_dir: str, ctx: dict) -> dict:
     """Stage 0: the data gate (GX) and the data version. Fails the flow before any training on bad data."""
-    from tasks.data import data_version, load_prepared
+    from tasks.data import data_version
 
     logger = get_run_logger()
     project = Path(project_dir)
@@ -146,7 +146,7 @@ def validate_task(config: Config, project_dir: str, ctx: dict) -> dict:
         prepared = Path(config.data.prepared_dir)
         version = data_version(prepared)
         report = json.loads((prepared / "report.json").read_text())
-        counts = {name: len(load_prepared(prepared, name)) for name in ("demonstrations", "comparisons", "prompts")}
+        counts = {name: report["counts"][name]["total"] for name in ("demonstrations", "comparisons", "prompts")}
         import mlflow
 
         dropped = report.get("dropped", [])

@@ -49,14 +49,20 @@ def setup_mlflow(project_dir: str | Path, experiment: str) -> str:
 def start_parent_run(experiment_id: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
     """Create the flow's parent run (left open until :func:`end_run`); returns its id."""
     from mlflow import MlflowClient
-    from mlflow.entities import Param
 
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    items = [Param(k, v[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    _log_params(client, run.info.run_id, params)
     return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    """Log params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6000 characters."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -111,12 +117,7 @@ def stage_run(
         tags={**tags, "mlflow.parentRunId": parent_run_id, "rlhf.stage": stage},
     )
     run_id = run.info.run_id
-    if params:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            client.log_batch(run_id, params=items[i : i + 100])
+    _log_params(client, run_id, params)
     sink = MetricSink(run_id)
     status = "FAILED"
     mlflow.start_run(run_id=run_id)

@@ -241,8 +241,9 @@ def save_checkpoint(output_dir: Path, step: int, policy, value_model, state: dic
     return final
 
 
-def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
-    """The newest complete checkpoint of this configuration in ``output_dir`` (``None`` if there is none)."""
+def latest_checkpoint(output_dir: Path, config_hash: str) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint of this configuration in ``output_dir`` and its loaded state (``None`` if there
+    is none)."""
     import shutil
 
     root = output_dir / CHECKPOINT_DIR
@@ -252,7 +253,7 @@ def latest_checkpoint(output_dir: Path, config_hash: str) -> Path | None:
         if (candidate / "state.pt").exists():
             state = torch.load(candidate / "state.pt", weights_only=False)
             if state.get("config_hash") == config_hash:
-                return candidate
+                return candidate, state
     return None
 
 
@@ -327,8 +328,8 @@ def run_ppo(
 
     # a checkpoint of the same configuration and inputs in output_dir is resumed (ppo.checkpoint_every > 0)
     config_hash = f"{config.section_hash('ppo')}:{config.model.seed}:{sft_model_path}:{reward_model_path}"
-    resume = latest_checkpoint(output_dir, config_hash) if cfg.checkpoint_every > 0 else None
-    state = torch.load(resume / "state.pt", weights_only=False) if resume else None
+    found = latest_checkpoint(output_dir, config_hash) if cfg.checkpoint_every > 0 else None
+    resume, state = found if found else (None, None)
     policy = load_causal_lm(resume / "policy" if resume else sft_model_path, device, dtype)
     reference = load_causal_lm(sft_model_path, device, dtype).eval().requires_grad_(False)
     reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval().requires_grad_(False)
