@@ -25,8 +25,15 @@ demo: $(STAMP)  ## the main job: the demo profile on the real data with SmolLM2-
 smoke: $(STAMP)  ## the whole pipeline on the tiny model in about a minute
 	$(BIN)/rlhf run --profile smoke
 
-test: $(STAMP)  ## unit, data and integration tests
+test: $(STAMP) browser  ## unit, data, integration and UI tests
 	$(BIN)/python -m pytest
+
+# Headless Chromium for tests/ui: Debian's package (Playwright drives it; it downloads no browser of its own).
+.PHONY: browser
+SUDO := $(shell test "$$(id -u)" -eq 0 || echo sudo)
+browser:
+	@test -x /usr/bin/chromium || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium \
+		|| { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
