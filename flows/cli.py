@@ -62,8 +62,11 @@ def run(
     config: Path = typer.Option(Path("params.yaml"), help="parameter file (DVC's params.yaml)"),
     output_dir: Optional[Path] = typer.Option(None, help="where models and summary.json go (default runs/<profile>-<time>)"),
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="re-run every stage even when its inputs are unchanged"),
 ) -> None:
-    """Run the whole pipeline: validate → SFT → reward model → PPO → evaluate → register."""
+    """Run the whole pipeline: validate → SFT → reward model → PPO → evaluate → register → promote.
+
+    Stages whose inputs (data version, config section, upstream stages, code) are unchanged are reused."""
     _quiet_defaults()
     console = _console()
     cfg = _load_config_or_exit(console, config, profile, set_)
@@ -77,7 +80,7 @@ def run(
     console.print(f"[bold]rlhf-pipeline[/] profile={profile} model={cfg.model.base} output={out}")
     start = time.time()
     try:
-        summary = rlhf_pipeline(cfg, project_dir=str(project_dir), output_dir=str(out))
+        summary = rlhf_pipeline(config=cfg, project_dir=str(project_dir), output_dir=str(out), use_cache=not no_cache)
     except ValidationFailed as exc:
         console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
         raise typer.Exit(2)
@@ -113,13 +116,22 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
                 figures.append(f"{key}={value:.4g}")
         if "wall_s" in metrics:
             figures.append(f"{metrics['wall_s']:.0f}s")
-        table.add_row(stage, entry["status"], "  ".join(figures))
+        status = entry["status"] + (f" (run {entry['mlflow_run_id'][:8]})" if entry["status"] == "reused" else "")
+        table.add_row(stage, status, "  ".join(figures))
     console.print(table)
     verdict = summary["stages"].get("evaluate", {}).get("metrics", {}).get("judge_verdict")
     if verdict:
         console.print(f"judge: {verdict}")
     for model in summary.get("registered_models", []):
-        console.print(f"registered [bold]{model['name']}[/] version {model['version']} aliases {model['aliases']}")
+        what = "already registered" if model.get("reused") else "registered"
+        console.print(f"{what} [bold]{model['name']}[/] version {model['version']} aliases {model['aliases']}")
+    promotion = summary.get("promotion") or {}
+    if promotion:
+        verdict = ("[green]promoted to champion[/]" if promotion.get("promoted") else
+                   "not promoted" + (" (skipped)" if promotion.get("skipped") else ""))
+        console.print(f"promotion: {verdict}")
+        for reason in promotion.get("reasons", []):
+            console.print(f"  {reason}")
     uri = summary.get("tracking_uri", "")
     console.print(
         f"\nsummary: {out / 'summary.json'}\n"
@@ -208,6 +220,119 @@ def validate(
     console.print(f"[green]validation passed[/]: {result['counts']}")
     for row in result["dropped"]:
         console.print(f"  dropped {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']}")
+
+
+@app.command()
+def retrain(
+    profile: str = typer.Option("demo", help="smoke | demo | full"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (DVC's params.yaml)"),
+    output_dir: Optional[Path] = typer.Option(None, help="where a retrain writes (default runs/<profile>-<time>)"),
+    force: bool = typer.Option(False, help="retrain even when data, parameters and code are unchanged"),
+) -> None:
+    """What the scheduled `rlhf-retrain` deployment runs: refresh the data (DVC), skip when nothing changed since the
+    last successful run, else run the pipeline and gate the promotion."""
+    _quiet_defaults()
+    console = _console()
+    _load_config_or_exit(console, config, profile)
+    from flows.retrain import rlhf_retrain
+    from tasks.validate import ValidationFailed
+
+    start = time.time()
+    try:
+        result = rlhf_retrain(profile=profile, config_path=str(config.resolve()), project_dir=str(config.resolve().parent),
+                              output_dir=str(output_dir) if output_dir else None, force=force)
+    except ValidationFailed as exc:
+        console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
+        raise typer.Exit(2)
+    except Exception as exc:
+        console.print(f"[bold red]retrain failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
+    if result.get("skipped"):
+        console.print(f"[bold]retrain skipped[/]: {result['reason']}")
+        return
+    _print_summary(console, result, Path(result["output_dir"]), time.time() - start)
+
+
+@app.command()
+def promote(
+    version: Optional[int] = typer.Option(None, help="make this policy version (and its run's reward model) champion"),
+    rollback: bool = typer.Option(False, "--rollback", help="move champion back to the version it replaced"),
+    profile: str = typer.Option("demo", help="whose registered names (params.yaml registry section)"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file"),
+) -> None:
+    """Move the registry's `champion` alias by hand: `--version N` promotes, `--rollback` undoes the last promotion.
+
+    Holds the same lock as the pipeline's gated promotion, so two promotions never interleave."""
+    _quiet_defaults()
+    console = _console()
+    cfg = _load_config_or_exit(console, config, profile)
+    if rollback == (version is not None):
+        console.print("[bold red]give exactly one of --version N and --rollback[/]")
+        raise typer.Exit(2)
+    from flows import tracking
+    from tasks import promotion
+
+    project = config.resolve().parent
+    tracking.setup_mlflow(project, cfg.registry.experiment)
+    names = (cfg.registry.policy_name, cfg.registry.reward_model_name)
+    try:
+        with promotion.promotion_lock(project):
+            moves = promotion.rollback(*names) if rollback else promotion.promote_version(*names, version)
+    except LookupError as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(1)
+    for kind, move in moves.items():
+        if kind == "unchanged":
+            console.print(f"{names[0]} version {version} is the champion already")
+            continue
+        name = names[0] if kind == "policy" else names[1]
+        console.print(f"{name}: champion {move[0]} → {move[1]}")
+
+
+@app.command()
+def lineage(
+    model: str = typer.Argument(..., help="NAME@ALIAS or NAME/VERSION, e.g. rlhf-policy@champion"),
+    reproduce: bool = typer.Option(False, help="re-run the pipeline from the recorded configuration (no cache, no "
+                                                 "registration) and compare the weights with the registered ones"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (locates the project and its MLflow store)"),
+    output_dir: Optional[Path] = typer.Option(None, help="where a reproduction writes (default runs/reproduce-<time>)"),
+) -> None:
+    """Print where a registered model came from: data version, git commit, parameters, code, MLflow runs, Prefect
+    flow run; with --reproduce, re-run it and check the weights match."""
+    _quiet_defaults()
+    console = _console()
+    from flows import lineage as lineage_mod
+    from flows import tracking
+    from flows.config import load_config
+
+    project = config.resolve().parent
+    try:
+        experiment = load_config(config).registry.experiment if config.exists() else "rlhf-pipeline"
+    except Exception:
+        experiment = "rlhf-pipeline"
+    tracking.setup_mlflow(project, experiment)
+    try:
+        chain = lineage_mod.model_lineage(model)
+    except (LookupError, ValueError) as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(1)
+    for line in lineage_mod.format_lineage(chain):
+        console.print(line, highlight=False)
+    if not reproduce:
+        return
+    out = output_dir or project / "runs" / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
+    console.print(f"\n[bold]reproducing[/] {model} into {out} (no cache, nothing registered)")
+    try:
+        report = lineage_mod.reproduce(chain, project, out)
+    except Exception as exc:
+        console.print(f"[bold red]reproduction failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning[/]: {warning}")
+    console.print(f"max |Δw| between the reproduced and the registered policy: {report['max_abs_diff']:.3g} over "
+                  f"{report['tensors']} tensors → {'[green]reproduced[/]' if report['reproduced'] else '[red]differs[/]'}")
+    if not report["reproduced"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -92,6 +92,10 @@ class SFTConfig(_Section):
     # ("champion" = the registry's champion RM, a folder, or null), else by validation loss
     selection_reward_model: str | None = "champion"
     selection_prompts: int = 16
+    # optimizer steps between resumable checkpoints in output_dir/sft/trainer/checkpoint-N (0: none); a rerun with the
+    # same configuration and output_dir resumes from the newest (model, optimizer, scheduler, RNG, data position and
+    # the checkpoint selector's best epoch)
+    checkpoint_every: int = Field(0, ge=0)
 
 
 class RewardConfig(_Section):
@@ -112,6 +116,9 @@ class RewardConfig(_Section):
     judge: bool = True
     judge_split: str = "validation"
     max_judge_pairs: int | None = 300
+    # steps between resumable checkpoints of the fine-tuning modes (full, top_layers) in
+    # output_dir/reward/checkpoints/{model,judge}/step-N (0: none); a rerun with the same output_dir resumes
+    checkpoint_every: int = Field(0, ge=0)
 
 
 class PPOConfig(_Section):
@@ -175,6 +182,41 @@ class RegistryConfig(_Section):
     experiment: str = "rlhf-pipeline"
 
 
+class CacheConfig(_Section):
+    """Stage caching: a stage whose inputs (data version, its config section, the model section, the upstream stages'
+    keys and its code) are unchanged reuses the earlier run's outputs instead of training again."""
+
+    enabled: bool = True
+
+
+class PromotionConfig(_Section):
+    """Gates a challenger must pass before the ``champion`` alias moves to it (all must pass).
+
+    The win rate is the challenger policy's over the champion policy under this run's judge RM on the same held-out
+    prompts; there is no win-rate gate while no champion exists (the first run).
+    """
+
+    enabled: bool = True
+    min_win_rate_vs_champion: float = Field(0.5, ge=0, le=1)
+    max_kl_to_sft: float = Field(5.0, ge=0)  # nats per response, the challenger's KL to its own SFT model
+    min_reward_accuracy: float = Field(0.55, ge=0, le=1)  # the challenger RM's held-out pairwise accuracy
+    require_informative_judge: bool = False  # also require the judge to beat the "shorter reply wins" baseline
+
+
+class RetrainConfig(_Section):
+    """The ``rlhf-retrain`` schedule (the deployment in ``infra/prefect.yaml`` carries the same values)."""
+
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _check_cron(self) -> "RetrainConfig":
+        fields = self.cron.split()
+        if len(fields) != 5:
+            raise ValueError(f"retrain.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        return self
+
+
 class Config(_Section):
     """The resolved configuration of one run."""
 
@@ -186,6 +228,9 @@ class Config(_Section):
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     def section_hash(self, section: str) -> str:
         """A short sha256 of one section's resolved values (cache keys, lineage tags)."""

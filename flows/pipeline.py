@@ -1,13 +1,17 @@
-"""The Prefect flow ``rlhf-pipeline``: validate → SFT → reward model → PPO → evaluate → register.
+"""The Prefect flow ``rlhf-pipeline``: validate → SFT → reward model → PPO → evaluate → register → promote.
 
 Each stage is a Prefect task wrapping the plain function ``tasks.<stage>.run_<stage>``; tasks pass paths, hashes and
 small metric dicts, never models (design principle 2). Every task opens one nested MLflow run under the flow's parent
-run. ``DIR/summary.json`` is rewritten after every stage, so a failed run still says how far it got; nothing is
-registered unless every stage before ``register`` succeeded.
+run and publishes a Prefect markdown artifact ``rlhf-<stage>`` (its metrics, the link to its MLflow run). A stage whose
+inputs are unchanged is reused instead of re-run (:mod:`flows.caching`; ``"status": "reused"`` in the summary).
+``DIR/summary.json`` is rewritten after every stage, so a failed run still says how far it got; nothing is registered
+unless every stage before ``register`` succeeded, and ``champion`` moves only when the promotion gates pass
+(:mod:`tasks.promotion`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -174,23 +178,113 @@ def _log_dataset_inputs(prepared: Path, version: str) -> None:
         mlflow.log_input(dataset, context=name)
 
 
-def _stage(stage: str, config: Config, ctx: dict, fn, *args) -> dict:
-    """Run ``fn(config, *args, output_dir, log)`` inside the stage's nested MLflow run; log its metrics and result."""
+def _mlflow_run_link(ctx: dict, run_id: str) -> str:
+    """Where a user opens a run: the MLflow server's page, or the command that starts a UI on a local store."""
+    uri = ctx.get("tracking_uri", "")
+    page = f"#/experiments/{ctx['experiment_id']}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"[MLflow run `{run_id}`]({uri.rstrip('/')}/{page})"
+    return (f"MLflow run `{run_id}` (experiment {ctx['experiment_id']}); open it with `mlflow ui --host 127.0.0.1 "
+            f"--backend-store-uri {uri}` then http://127.0.0.1:5000/{page}")
+
+
+def _stage_artifact(stage: str, status: str, metrics: dict, run_id: str, ctx: dict, note: str = "") -> None:
+    """A Prefect markdown artifact ``rlhf-<stage>``: the stage's metrics as a table and the link to its MLflow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            value = str(value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, list):
+            value = "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
+        rows.append(f"| {key} | {str(value).replace('|', '/')} |")
+    create_markdown_artifact(
+        key=f"rlhf-{stage}",
+        description=f"{stage}: {status}",
+        markdown=f"**{stage}**: {status}{note}\n\n" + _mlflow_run_link(ctx, run_id) + "\n\n| metric | value |\n|---|---|\n"
+                 + "\n".join(rows) + "\n",
+    )
+
+
+def _record_reuse(stage: str, hit: dict, config: Config, ctx: dict) -> None:
+    """A short nested run under this flow's parent that points at the reused run (the parent's tree stays complete:
+    one child per stage), with the reused metrics so runs compare side by side."""
     import mlflow
 
     params = {k: v for k, v in config.flat_params().items() if k.startswith((f"{stage}.", "model."))}
+    tags = {**ctx["tags"], "rlhf.cache_key": ctx["keys"][stage], "rlhf.reused_run_id": hit["mlflow_run_id"],
+            "rlhf.output_dir": hit["output_dir"]}
+    with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], stage, params, tags):
+        mlflow.log_metrics({k: float(v) for k, v in hit["metrics"].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.set_tag("mlflow.note.content", f"Reused: the inputs of this stage are unchanged since MLflow run "
+                                              f"{hit['mlflow_run_id']} (cache key {ctx['keys'][stage]}).")
+
+
+@contextlib.contextmanager
+def _gpu_slot(config: Config):
+    """Hold a slot of the Prefect global concurrency limit ``gpu`` while a stage trains on CUDA (two training stages
+    never share one GPU when workers share a Prefect server; no limit of that name, no wait)."""
+    from models.loading import resolve_device
+
+    if resolve_device(config.model.device).type != "cuda":
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency("gpu", occupy=1, strict=False):
+        yield
+
+
+def _stage(stage: str, config: Config, ctx: dict, fn, *args) -> dict:
+    """Run ``fn(config, *args, output_dir, log)`` inside the stage's nested MLflow run, or reuse an earlier run of the
+    stage with the same cache key (:mod:`flows.caching`).
+
+    Returns:
+        ``{"paths", "metrics", "mlflow_run_id", "output_dir", "status", "cache_key"}``; ``status`` is ``completed`` or
+        ``reused`` (then ``mlflow_run_id`` is the reused run).
+    """
+    import mlflow
+
+    from flows.caching import find_reusable
+
+    key = ctx["keys"][stage]
+    if ctx.get("use_cache", True):
+        hit = find_reusable(ctx["experiment_id"], stage, key)
+        if hit is not None:
+            get_run_logger().info("%s: reusing MLflow run %s (inputs unchanged, cache key %s) from %s", stage,
+                                  hit["mlflow_run_id"], key, hit["output_dir"])
+            _record_reuse(stage, hit, config, ctx)
+            _stage_artifact(stage, "reused", hit["metrics"], hit["mlflow_run_id"], ctx,
+                            f" (inputs unchanged; outputs in `{hit['output_dir']}`)")
+            return {**hit, "status": "reused", "cache_key": key}
+    params = {k: v for k, v in config.flat_params().items() if k.startswith((f"{stage}.", "model."))}
     out = Path(ctx["output_dir"]) / stage
-    with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], stage, params, ctx["tags"]) as (run_id, sink):
-        result = fn(config, *args, out, sink)
-        scalars = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    tags = {**ctx["tags"], "rlhf.cache_key": key, "rlhf.output_dir": str(out)}
+    with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], stage, params, tags) as (run_id, sink):
+        with _gpu_slot(config):
+            result = fn(config, *args, out, sink)
+        scalars = {k: float(v) for k, v in result.metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         mlflow.log_metrics(scalars)
         out.mkdir(parents=True, exist_ok=True)
-        result.save(out / "result.json")
+        _save_result(out, result.paths, result.metrics, key)
         mlflow.log_artifact(str(out / "result.json"))
         for path in result.paths.values():
             if Path(path).is_file():
                 mlflow.log_artifact(path)
-    return {"paths": result.paths, "metrics": result.metrics, "mlflow_run_id": run_id}
+    _stage_artifact(stage, "completed", result.metrics, run_id, ctx)
+    return {"paths": result.paths, "metrics": result.metrics, "mlflow_run_id": run_id, "output_dir": str(out),
+            "status": "completed", "cache_key": key}
+
+
+def _save_result(out: Path, paths: dict, metrics: dict, key: str) -> None:
+    """``out/result.json``: what the stage wrote and its metrics, with the cache key a later run checks on reuse."""
+    (out / "result.json").write_text(json.dumps({"stage": out.name, "cache_key": key, "paths": paths,
+                                                 "metrics": metrics}, indent=2, default=str))
 
 
 @task(name="sft", cache_policy=NO_CACHE)
@@ -200,18 +294,31 @@ def sft_task(config: Config, prepared_dir: str, ctx: dict) -> dict:
     from tasks.sft import run_sft
 
     base = resolve_model_path(config.model.base, config.model.cache_dir)
-    selection_rm = config.sft.selection_reward_model
-    if selection_rm == "champion":
-        from tasks.registry import download_model_dir
-
-        selection_rm = download_model_dir(config.registry.reward_model_name, "champion",
-                                          Path(ctx["output_dir"]) / "sft" / "champion-rm",
-                                          required_tags={"rlhf.base_model": config.model.base})
-        get_run_logger().info("SFT checkpoint selection by %s", f"the champion RM's mean score ({selection_rm})"
-                              if selection_rm else "validation loss (no champion reward model yet)")
 
     def run(config, prepared_dir, base, out, log):
-        return run_sft(config, prepared_dir, base, out, log, selection_reward_model=selection_rm)
+        selection_rm, used = config.sft.selection_reward_model, None
+        if selection_rm and (selection_rm == "champion" or selection_rm.startswith("models:/")):
+            import mlflow
+
+            from tasks.promotion import champion_version
+            from tasks.registry import download_model_dir, parse_model_ref
+
+            name, ref = ((config.registry.reward_model_name, "champion") if selection_rm == "champion"
+                         else parse_model_ref(selection_rm))
+            version = champion_version(name) if ref == "champion" else int(ref)
+            selection_rm = None
+            if version is not None:
+                selection_rm = download_model_dir(name, str(version), out / "selection-rm",
+                                                  required_tags={"rlhf.base_model": config.model.base})
+            if selection_rm is not None:
+                used = f"models:/{name}/{version}"
+                mlflow.set_tag("rlhf.selection_reward_model", used)  # lineage: reproduce with the same RM
+            get_run_logger().info("SFT checkpoint selection by %s", f"the mean score of {used} ({ref})"
+                                  if used else "validation loss (no champion reward model yet)")
+        result = run_sft(config, prepared_dir, base, out, log, selection_reward_model=selection_rm)
+        if used:
+            result.metrics["selection_reward_model"] = used
+        return result
 
     return _stage("sft", config, ctx, run, prepared_dir, base)
 
@@ -235,27 +342,31 @@ def ppo_task(config: Config, prepared_dir: str, sft_model: str, reward_model: st
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
     config: Config, prepared_dir: str, sft_model: str, policy: str, reward_model: str, ctx: dict,
-    upstream: dict | None = None, judge_model: str | None = None,
+    upstream: dict | None = None, judge_model: str | None = None, ppo_dir: str | None = None,
 ) -> dict:
-    """Stage 4: PPO vs SFT on held-out prompts under the reward model; the HTML report.
+    """Stage 4: PPO vs SFT on held-out prompts under the reward model and the judge; the HTML report.
 
-    ``upstream`` holds the earlier stages' metrics (``{stage: metrics}``) for the report.
+    ``upstream`` holds the earlier stages' metrics (``{stage: metrics}``) for the report; ``ppo_dir`` is the PPO
+    stage's output folder (its ``history.json`` gives the curves).
     """
     from tasks.evaluate import run_evaluate
 
     rm = (upstream or {}).get("reward", {})
 
     def run(config, prepared_dir, sft_model, policy, reward_model, out, log):
-        return run_evaluate(config, prepared_dir, sft_model, policy, reward_model, out, log,
-                            judge_model_path=judge_model, judge_accuracy_ci=rm.get("judge_accuracy_ci"),
-                            shorter_baseline=rm.get("accuracy_shorter_baseline"))
+        result = run_evaluate(config, prepared_dir, sft_model, policy, reward_model, out, log,
+                              judge_model_path=judge_model, judge_accuracy_ci=rm.get("judge_accuracy_ci"),
+                              shorter_baseline=rm.get("accuracy_shorter_baseline"))
+        result.paths["report"] = str(out / "report.html")  # written right after, in _log_evaluation_extras
+        return result
 
     result = _stage("evaluate", config, ctx, run, prepared_dir, sft_model, policy, reward_model)
-    result["paths"]["report"] = _log_evaluation_extras(result, ctx, upstream or {})
+    if result["status"] == "completed":
+        _log_evaluation_extras(result, ctx, upstream or {}, Path(ppo_dir) if ppo_dir else None)
     return result
 
 
-def _log_evaluation_extras(result: dict, ctx: dict, upstream: dict) -> str:
+def _log_evaluation_extras(result: dict, ctx: dict, upstream: dict, ppo_dir: Path | None) -> str:
     """On the evaluate run: the samples table, the PPO curves plot and the HTML report; a Prefect markdown artifact
     with the headline figures and where the report is. Returns the report's path."""
     import mlflow
@@ -263,15 +374,15 @@ def _log_evaluation_extras(result: dict, ctx: dict, upstream: dict) -> str:
 
     from tasks.report import plot_ppo_curves, write_html_report
 
-    out = Path(ctx["output_dir"])
-    history_path = out / "ppo" / "history.json"
+    out = Path(result["output_dir"])
+    history_path = (ppo_dir or Path(ctx["output_dir"]) / "ppo") / "history.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     with tracking.reopen(result["mlflow_run_id"]):
         samples = pd.read_json(result["paths"]["samples"], lines=True)
         mlflow.log_table(samples, artifact_file="samples_table.json")
         if history:
-            mlflow.log_artifact(str(plot_ppo_curves(history, out / "evaluate" / "ppo_curves.png")))
-        report = write_html_report(out / "evaluate" / "report.html", {**upstream, "evaluate": result["metrics"]},
+            mlflow.log_artifact(str(plot_ppo_curves(history, out / "ppo_curves.png")))
+        report = write_html_report(Path(result["paths"]["report"]), {**upstream, "evaluate": result["metrics"]},
                                    history, samples.to_dict("records"))
         mlflow.log_artifact(str(report))
     _prefect_report_artifact(result, ctx, report)
@@ -295,29 +406,119 @@ def _prefect_report_artifact(result: dict, ctx: dict, report: Path) -> None:
             + (f"| win rate PPO vs SFT (judge) | {m['win_rate_vs_sft_judge']:.3f} "
                f"[{m['win_rate_vs_sft_judge_ci'][0]:.3f}, {m['win_rate_vs_sft_judge_ci'][1]:.3f}] |\n\n"
                f"{m['judge_verdict']}\n\n" if "win_rate_vs_sft_judge" in m else "\n") +
-            f"Report: MLflow run `{run}` (experiment {ctx['experiment_id']}), artifact `report.html`: "
-            f"http://127.0.0.1:5000/#/experiments/{ctx['experiment_id']}/runs/{run} ; local copy `{report}`"
+            f"Report: artifact `report.html` of {_mlflow_run_link(ctx, run)}; local copy `{report}`"
         ),
     )
 
 
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(config: Config, policy: str, reward_model: str, ctx: dict) -> list[dict]:
-    """Log the final policy and reward model and register them (alias ``challenger``; ``champion`` on the first)."""
-    from tasks.registry import log_and_register
+    """Log the final policy and reward model and register them as ``challenger`` (the policy version records the
+    reward model version of the same run). When PPO was reused and its policy is registered already, nothing new is
+    registered and the existing versions are returned with ``"reused": True``."""
+    from tasks.registry import find_registered, log_and_register
 
+    names = (config.registry.reward_model_name, config.registry.policy_name)
+    ppo_key = ctx["keys"]["ppo"]
+    existing = find_registered(names[1], "rlhf.ppo_cache_key", ppo_key)
+    if existing is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        entries = [existing]
+        rm_version = client.get_model_version(names[1], str(existing["version"])).tags.get("rlhf.reward_model_version")
+        if rm_version:
+            rm = client.get_model_version(names[0], rm_version)
+            entries.insert(0, {"name": names[0], "version": int(rm.version), "aliases": sorted(rm.aliases)})
+        get_run_logger().info("the policy of PPO cache key %s is registered already (%s version %s): nothing new "
+                              "to register", ppo_key, names[1], existing["version"])
+        return [{**e, "reused": True} for e in entries]
+    tags = {**ctx["tags"], "rlhf.mlflow_parent_run_id": ctx["parent_run_id"], "rlhf.ppo_cache_key": ppo_key,
+            "rlhf.reward_cache_key": ctx["keys"]["reward"], "rlhf.sft_cache_key": ctx["keys"]["sft"]}
     with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], "register", {}, ctx["tags"]):
-        return [
-            {k: v for k, v in log_and_register(reward_model, "reward_model", config.registry.reward_model_name,
-                                               ctx["tags"]).items() if k != "model_uri"},
-            {k: v for k, v in log_and_register(policy, "policy", config.registry.policy_name,
-                                               ctx["tags"]).items() if k != "model_uri"},
-        ]
+        rm = log_and_register(reward_model, "reward_model", names[0], tags)
+        policy_entry = log_and_register(policy, "policy", names[1],
+                                        {**tags, "rlhf.reward_model_version": str(rm["version"])})
+    return [{k: v for k, v in entry.items() if k != "model_uri"} for entry in (rm, policy_entry)]
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(config: Config, prepared_dir: str, registered: list[dict], policy: str, reward_metrics: dict,
+                 evaluate_metrics: dict, judge_model: str | None, ctx: dict, project_dir: str) -> dict:
+    """Gate the challenger against the champion (:mod:`tasks.promotion`) and move ``champion`` when every gate passes.
+
+    Writes the decision as model-version tags, a nested MLflow run ``promote`` and the Prefect markdown artifact
+    ``rlhf-promotion``. Returns the decision as a dict (``promoted``, ``reasons``, ``figures``, versions).
+    """
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.promotion import (
+        Decision, apply_decision, champion_version, check_gates, decision_markdown, promotion_lock,
+        win_rate_vs_champion,
+    )
+    from tasks.registry import download_model_dir
+
+    logger = get_run_logger()
+    names = {e["name"]: e for e in registered}
+    policy_name, rm_name = config.registry.policy_name, config.registry.reward_model_name
+    challenger = names[policy_name]["version"]
+    figures: dict = {"kl_to_sft": evaluate_metrics.get("kl_to_sft"), "reward_accuracy": reward_metrics.get("accuracy"),
+                     "judge_informative": bool(evaluate_metrics.get("judge_informative"))}
+    with promotion_lock(project_dir), tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], "promote", {},
+                                                          ctx["tags"]):
+        import mlflow
+
+        champion = champion_version(policy_name)
+        figures["has_champion"] = champion is not None
+        if champion is not None:
+            judge = judge_model or ctx["reward_model"]
+            figures["judge"] = "judge RM" if judge_model else "training RM (no judge in this run)"
+            champion_dir = download_model_dir(policy_name, "champion", Path(ctx["output_dir"]) / "promote" / "champion")
+            try:
+                if champion_dir is None:
+                    raise ValueError(f"{policy_name}@champion has no model folder")
+                figures.update(win_rate_vs_champion(config, prepared_dir, policy, champion_dir, judge))
+            except ValueError as exc:  # e.g. a champion on another tokenizer: the win-rate gate fails, saying why
+                figures["win_rate_vs_champion"] = None
+                figures["comparison_error"] = str(exc)
+        passed, reasons = check_gates(figures, config.promotion)
+        decision = Decision(passed, reasons, figures, champion_version=challenger if passed else champion,
+                            challenger_version=challenger, previous_champion=champion)
+        apply_decision(decision, policy_name, rm_name, names[rm_name]["version"])
+        mlflow.log_metrics({f"promotion/{k}": float(v) for k, v in figures.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.set_tags({"rlhf.promotion.decision": "promoted" if passed else "rejected",
+                         "rlhf.promotion.challenger_version": str(challenger)})
+    logger.info("promotion of %s version %s: %s\n%s", policy_name, challenger,
+                "promoted" if passed else "not promoted", "\n".join(reasons))
+    create_markdown_artifact(key="rlhf-promotion", description="champion/challenger decision",
+                             markdown=decision_markdown(decision, policy_name))
+    return decision.to_dict()
 
 
 @flow(name="rlhf-pipeline")
-def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "runs/latest") -> dict:
-    """The InstructGPT recipe end to end. Writes ``output_dir/summary.json`` and returns its content.
+def rlhf_pipeline(
+    profile: str = "demo",
+    config_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    project_dir: str = ".",
+    output_dir: str | None = None,
+    config: Config | None = None,
+    use_cache: bool = True,
+    register_models: bool = True,
+) -> dict:
+    """The InstructGPT recipe end to end: validate → SFT → reward model → PPO → evaluate → register → promote.
+
+    Writes ``output_dir/summary.json`` and returns its content.
+
+    Args:
+        profile, config_path, overrides: the configuration (``load_config``); ``config`` instead gives it resolved.
+            A relative ``config_path`` is relative to ``project_dir``.
+        project_dir: the project folder (``params.yaml``, ``dvc.yaml``, ``mlflow.db``).
+        output_dir: where the stages write (default ``runs/<profile>-<time>``, relative to ``project_dir``).
+        use_cache: reuse stages whose inputs are unchanged (and ``cache.enabled``); ``False`` re-runs every stage.
+        register_models: register the challenger and run the promotion gates (``False``: a reproduction that leaves the
+            registry alone).
 
     Raises:
         tasks.validate.ValidationFailed: the data gate failed (no training ran, nothing registered).
@@ -325,8 +526,14 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
     """
     from prefect.runtime import flow_run
 
+    from flows.caching import code_version, stage_key
+    from flows.config import load_config
+
     project = Path(project_dir).resolve()
-    out = Path(output_dir)
+    if config is None:
+        path = Path(config_path)
+        config = load_config(path if path.is_absolute() else project / path, profile, overrides)
+    out = Path(output_dir or f"runs/{config.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     if not out.is_absolute():
         out = project / out
     out.mkdir(parents=True, exist_ok=True)
@@ -334,13 +541,27 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
     experiment_id = tracking.setup_mlflow(project, config.registry.experiment)
     flow_run_id = str(flow_run.id) if flow_run.id else None
     tags = {"rlhf.profile": config.profile, "rlhf.base_model": config.model.base, "rlhf.git_commit": git_commit(project),
-            "rlhf.prefect_flow_run_id": flow_run_id or "", "rlhf.params_hash": _params_hash(config)}
-    parent = tracking.start_parent_run(experiment_id, f"rlhf-{config.profile}", config.flat_params(), tags)
+            "rlhf.prefect_flow_run_id": flow_run_id or "", "rlhf.params_hash": _params_hash(config),
+            "rlhf.code_version": code_version()}
+    parent = tracking.start_parent_run(experiment_id, f"rlhf-{config.profile}", config.flat_params(),
+                                       {**tags, "rlhf.kind": "pipeline"})
+    _log_config(parent, config)
     summary.data.update(mlflow_parent_run_id=parent, prefect_flow_run_id=flow_run_id, output_dir=str(out),
-                        tracking_uri=tracking.tracking_uri(project))
+                        tracking_uri=tracking.tracking_uri(project), profile=config.profile, promotion=None)
     summary.write()
-    ctx = {"experiment_id": experiment_id, "parent_run_id": parent, "tags": tags, "output_dir": str(out)}
+    use_cache = use_cache and config.cache.enabled
+    ctx = {"experiment_id": experiment_id, "parent_run_id": parent, "tags": tags, "output_dir": str(out),
+           "tracking_uri": tracking.tracking_uri(project), "use_cache": use_cache, "keys": {}}
     current = "validate"
+
+    def record(name: str, result: dict) -> None:
+        summary.stage(name, result.get("status", "completed"), result["mlflow_run_id"], result["metrics"])
+        summary.data["stages"][name]["cache_key"] = result.get("cache_key")
+        if result.get("status") == "reused":
+            summary.data["stages"][name]["reused_from"] = result["output_dir"]
+        summary.data["stages"][name]["paths"] = result.get("paths", {})
+        summary.write()
+
     try:
         summary.stage("validate", "running")
         data = validate_task(config, str(project), ctx)
@@ -350,31 +571,59 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
 
         MlflowClient().set_tag(parent, "rlhf.data_version", data["version"])
         summary.stage("validate", "completed", data["mlflow_run_id"], data["metrics"])
+        _stage_artifact("validate", "completed", data["metrics"], data["mlflow_run_id"], ctx,
+                        f" (data version `{data['version']}`)")
+        keys = ctx["keys"]
+        for name in ("sft", "reward", "ppo", "evaluate"):
+            keys[name] = stage_key(name, config, data["version"], keys)
 
         current = "sft"
         summary.stage(current, "running")
         sft = sft_task(config, data["prepared_dir"], ctx)
-        summary.stage(current, "completed", sft["mlflow_run_id"], sft["metrics"])
+        record(current, sft)
 
         current = "reward"
         summary.stage(current, "running")
         rm = reward_task(config, data["prepared_dir"], sft["paths"]["model"], ctx)
-        summary.stage(current, "completed", rm["mlflow_run_id"], rm["metrics"])
+        record(current, rm)
 
         current = "ppo"
         summary.stage(current, "running")
         ppo = ppo_task(config, data["prepared_dir"], sft["paths"]["model"], rm["paths"]["model"], ctx)
-        summary.stage(current, "completed", ppo["mlflow_run_id"], ppo["metrics"])
+        record(current, ppo)
 
         current = "evaluate"
         summary.stage(current, "running")
         ev = evaluate_task(config, data["prepared_dir"], sft["paths"]["model"], ppo["paths"]["model"],
                            rm["paths"]["model"], ctx,
-                           {"reward": rm["metrics"], "ppo": ppo["metrics"]}, rm["paths"].get("judge"))
-        summary.stage(current, "completed", ev["mlflow_run_id"], ev["metrics"])
+                           {"reward": rm["metrics"], "ppo": ppo["metrics"]}, rm["paths"].get("judge"),
+                           ppo["output_dir"])
+        record(current, ev)
 
         current = "register"
-        summary.data["registered_models"] = register_task(config, ppo["paths"]["model"], rm["paths"]["model"], ctx)
+        if not register_models:
+            summary.data["promotion"] = {"promoted": False, "skipped": True,
+                                         "reasons": ["registration disabled (a reproduction run)"]}
+            summary.write()
+            tracking.end_run(parent, "FINISHED")
+            return summary.data
+        registered = register_task(config, ppo["paths"]["model"], rm["paths"]["model"], ctx)
+        summary.data["registered_models"] = registered
+        summary.write()
+
+        current = "promote"
+        if not config.promotion.enabled:
+            summary.data["promotion"] = {"promoted": False, "reasons": ["promotion disabled (promotion.enabled)"]}
+        elif all(e.get("reused") for e in registered):
+            summary.data["promotion"] = {
+                "promoted": False, "skipped": True,
+                "reasons": ["this policy was registered and judged by an earlier run; no new challenger"],
+                "champion_version": _champion_or_none(config.registry.policy_name),
+            }
+        else:
+            summary.data["promotion"] = promote_task(
+                config, data["prepared_dir"], registered, ppo["paths"]["model"], rm["metrics"], ev["metrics"],
+                rm["paths"].get("judge"), {**ctx, "reward_model": rm["paths"]["model"]}, str(project))
         summary.write()
     except BaseException as exc:
         if current in summary.data["stages"]:
@@ -386,6 +635,20 @@ def rlhf_pipeline(config: Config, project_dir: str = ".", output_dir: str = "run
         raise
     tracking.end_run(parent, "FINISHED")
     return summary.data
+
+
+def _champion_or_none(name: str) -> int | None:
+    from tasks.promotion import champion_version
+
+    return champion_version(name)
+
+
+def _log_config(run_id: str, config: Config) -> None:
+    """The resolved configuration as the parent run's artifact ``config.json`` (what ``rlhf lineage --reproduce``
+    re-runs)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_dict(run_id, config.model_dump(mode="json"), "config.json")
 
 
 def _params_hash(config: Config) -> str:

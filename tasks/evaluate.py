@@ -73,6 +73,24 @@ def _last_user_turn(messages: list[dict]) -> str:
     return ""
 
 
+def held_out_queries(config: Config, prepared_dir: str | Path, tokenizer):
+    """The evaluation prompts: ``evaluate.num_prompts`` test-split prompts drawn with the model seed (the same prompts
+    for every run on the same data version), as ``(rows, messages, queries)`` where ``queries`` are chat-template token
+    id lists cut to ``evaluate.max_prompt_tokens``.
+
+    Raises:
+        ValueError: when the prepared data holds no test prompts.
+    """
+    cfg = config.evaluate
+    prompts = load_prepared(prepared_dir, "prompts", split="test")
+    if len(prompts) == 0:
+        raise ValueError(f"no test prompts in {prepared_dir}")
+    prompts = prompts.sample(n=min(cfg.num_prompts, len(prompts)), random_state=config.model.seed).sort_index()
+    messages = [list(p) for p in prompts.prompt]
+    queries = [chat_prompt_ids(tokenizer, m, cfg.max_prompt_tokens) for m in messages]
+    return prompts, messages, queries
+
+
 def run_evaluate(
     config: Config,
     prepared_dir: str | Path,
@@ -110,14 +128,9 @@ def run_evaluate(
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.model.device)
     dtype = default_dtype(device)
-    prompts = load_prepared(prepared_dir, "prompts", split="test")
-    if len(prompts) == 0:
-        raise ValueError(f"no test prompts in {prepared_dir}")
-    prompts = prompts.sample(n=min(cfg.num_prompts, len(prompts)), random_state=config.model.seed).sort_index()
     tokenizer = load_tokenizer(policy_model_path)
     assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
-    messages = [list(p) for p in prompts.prompt]
-    queries = [chat_prompt_ids(tokenizer, m, cfg.max_prompt_tokens) for m in messages]
+    prompts, messages, queries = held_out_queries(config, prepared_dir, tokenizer)
 
     sft = load_causal_lm(sft_model_path, device, dtype).eval()
     policy = load_causal_lm(policy_model_path, device, dtype).eval()

@@ -3,8 +3,8 @@
 Each model is logged as an MLflow ``pyfunc`` model whose artifact ``model/`` is the transformers folder
 (safetensors + tokenizer), so it loads both ways: ``mlflow.pyfunc.load_model("models:/rlhf-policy@champion")`` and
 ``AutoModelForCausalLM.from_pretrained(<downloaded artifact>/artifacts/model)``. Registry stages are deprecated in
-MLflow 3: versions carry the aliases ``challenger`` (every new version) and ``champion`` (the first version ever; later
-promotions move it).
+MLflow 3: versions carry the aliases ``challenger`` (every new version) and ``champion`` (moved only by
+:mod:`tasks.promotion` when the gates pass).
 """
 
 from __future__ import annotations
@@ -63,10 +63,11 @@ def log_and_register(
     registered_name: str,
     tags: dict[str, str],
 ) -> dict:
-    """Log ``model_dir`` as a pyfunc model in the active MLflow run and register a new version of ``registered_name``.
+    """Log ``model_dir`` as a pyfunc model in the active MLflow run and register a new version of ``registered_name``
+    with the alias ``challenger``.
 
-    The new version gets the alias ``challenger``; if the registered model has no ``champion`` yet (first version ever),
-    it gets ``champion`` too. ``tags`` are set on the version (data version, git commit, params hash, runs...).
+    The ``champion`` alias is not touched here: :mod:`tasks.promotion` moves it after the gates. ``tags`` are set on
+    the version (lineage: data version, git commit, params hash, code version, parent run, Prefect flow run...).
 
     Args:
         model_dir: transformers folder (safetensors) written by a stage.
@@ -79,7 +80,6 @@ def log_and_register(
         FileNotFoundError: when ``model_dir`` holds no safetensors weights (nothing is logged or registered).
     """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     model_dir = Path(model_dir)
     if not list(model_dir.glob("*.safetensors")):
@@ -92,34 +92,63 @@ def log_and_register(
         pip_requirements=PIP_REQUIREMENTS,
         tags=tags,
     )
-    client = MlflowClient()
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    aliases = [CHALLENGER]
-    client.set_registered_model_alias(registered_name, CHALLENGER, version.version)
-    try:
-        client.get_model_version_by_alias(registered_name, CHAMPION)
-    except MlflowException:
-        client.set_registered_model_alias(registered_name, CHAMPION, version.version)
-        aliases.append(CHAMPION)
-    return {"name": registered_name, "version": int(version.version), "aliases": aliases, "model_uri": info.model_uri}
+    MlflowClient().set_registered_model_alias(registered_name, CHALLENGER, version.version)
+    return {"name": registered_name, "version": int(version.version), "aliases": [CHALLENGER],
+            "model_uri": info.model_uri}
+
+
+def find_registered(registered_name: str, tag: str, value: str) -> dict | None:
+    """The newest version of ``registered_name`` whose tag ``tag`` equals ``value`` (e.g. the version registered from
+    a PPO run that a cached run reuses), as ``{"name", "version", "aliases"}``; ``None`` when there is none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{registered_name}' and tags.`{tag}` = '{value}'")
+    if not versions:
+        return None
+    newest = max(versions, key=lambda v: int(v.version))
+    full = client.get_model_version(registered_name, newest.version)
+    return {"name": registered_name, "version": int(full.version), "aliases": sorted(full.aliases)}
 
 
 def download_model_dir(
-    registered_name: str, alias: str, dst: str | Path, required_tags: dict[str, str] | None = None
+    registered_name: str, ref: str, dst: str | Path, required_tags: dict[str, str] | None = None
 ) -> Path | None:
-    """The transformers folder of ``registered_name@alias`` downloaded into ``dst``; ``None`` when the registered
-    model or the alias does not exist (a first run has no champion), or when the version lacks one of
-    ``required_tags`` (e.g. a reward model built on another base model)."""
+    """The transformers folder of ``registered_name@ref`` (an alias such as ``champion``, or a version number)
+    downloaded into ``dst``; ``None`` when the registered model, alias or version does not exist (a first run has no
+    champion), or when the version lacks one of ``required_tags`` (e.g. a reward model built on another base model)."""
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
+    client = MlflowClient()
     try:
-        version = MlflowClient().get_model_version_by_alias(registered_name, alias)
+        if str(ref).isdigit():
+            version = client.get_model_version(registered_name, str(ref))
+        else:
+            version = client.get_model_version_by_alias(registered_name, ref)
     except MlflowException:
         return None
     if any(version.tags.get(k) != v for k, v in (required_tags or {}).items()):
         return None
-    local = Path(download_artifacts(artifact_uri=f"models:/{registered_name}@{alias}", dst_path=str(dst)))
+    local = Path(download_artifacts(artifact_uri=f"models:/{registered_name}/{version.version}", dst_path=str(dst)))
     folder = local / "artifacts" / "model"
     return folder if folder.exists() else None
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    """``name@alias``, ``name/3`` or ``models:/name@alias`` → ``(name, alias_or_version)``.
+
+    Raises:
+        ValueError: for a reference with neither an alias nor a version.
+    """
+    ref = ref.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        return name, alias
+    if "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        if version.isdigit():
+            return name, version
+    raise ValueError(f"{ref!r} is not a model reference: use NAME@ALIAS (rlhf-policy@champion) or NAME/VERSION")

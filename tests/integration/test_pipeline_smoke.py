@@ -55,12 +55,10 @@ def mlflow_sqlite(tmp_path, monkeypatch):
     return uri
 
 
-def _run_flow(project: Path, output: str):
-    from flows.config import load_config
+def _run_flow(project: Path, output: str, overrides: list[str] | None = None):
     from flows.pipeline import rlhf_pipeline
 
-    config = load_config(project / "params.yaml", "smoke")
-    return rlhf_pipeline(config, project_dir=str(project), output_dir=output)
+    return rlhf_pipeline(profile="smoke", overrides=overrides, project_dir=str(project), output_dir=output)
 
 
 def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_server, mlflow_sqlite, tiny_model_path):
@@ -119,7 +117,7 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted([*STAGES, "register"])
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == sorted([*STAGES, "register", "promote"])
     by_name = {r.data.tags["mlflow.runName"]: r for r in children}
     for stage in STAGES:
         assert by_name[stage].info.run_id == on_disk["stages"][stage]["mlflow_run_id"]
@@ -129,42 +127,118 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     assert len(client.get_metric_history(by_name["sft"].info.run_id, "sft/loss")) >= 1
     artifacts = [a.path for a in client.list_artifacts(by_name["evaluate"].info.run_id)]
     assert {"ppo_curves.png", "samples_table.json", "report.html"} <= set(artifacts)
+    assert "config.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
 
-    # Registry: first versions are challenger and champion
+    # Registry: the first versions are challengers; with no champion yet the gates make them champions
     registered = {m["name"]: m for m in on_disk["registered_models"]}
     assert set(registered) == {"rlhf-policy-smoke", "rlhf-reward-model-smoke"}  # the smoke profile's names
     for name in registered:
-        version = client.get_model_version_by_alias(name, "champion")
-        assert int(version.version) == 1
+        assert int(client.get_model_version_by_alias(name, "champion").version) == 1
         assert int(client.get_model_version_by_alias(name, "challenger").version) == 1
-    assert sorted(registered["rlhf-policy-smoke"]["aliases"]) == ["challenger", "champion"]
+    promotion = on_disk["promotion"]
+    assert promotion["promoted"] is True and promotion["challenger_version"] == 1
+    assert promotion["reasons"][0] == "pass: no champion yet: no win-rate gate"
+    assert any(r.startswith("pass: KL to SFT") for r in promotion["reasons"])
     version = client.get_model_version_by_alias("rlhf-policy-smoke", "champion")
+    # lineage tags on the version
     assert version.tags["rlhf.base_model"] == "tiny-random" and version.tags["rlhf.profile"] == "smoke"
     assert version.tags["rlhf.data_version"] == on_disk["data"]["version"]
+    assert version.tags["rlhf.mlflow_parent_run_id"] == summary["mlflow_parent_run_id"]
+    assert version.tags["rlhf.prefect_flow_run_id"] == summary["prefect_flow_run_id"]
+    assert version.tags["rlhf.git_commit"] and version.tags["rlhf.params_hash"] and version.tags["rlhf.code_version"]
+    assert version.tags["rlhf.reward_model_version"] == "1"
+    assert version.tags["rlhf.promotion.decision"] == "promoted"
 
-    # Prefect: the flow run exists on the server and completed
+    # Prefect: the flow run exists on the server and completed; every stage published an artifact
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(summary["prefect_flow_run_id"])
     assert flow_run.state.is_completed()
     task_names = {t.name.rsplit("-", 1)[0] for t in _task_runs(summary["prefect_flow_run_id"])}
-    assert {"validate", "sft", "reward", "ppo", "evaluate", "register"} <= task_names
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    with get_client(sync_client=True) as prefect:
-        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rlhf-evaluation"])))
-    assert any(str(a.flow_run_id) == summary["prefect_flow_run_id"] and "win rate" in a.data for a in artifacts)
+    assert {"validate", "sft", "reward", "ppo", "evaluate", "register", "promote"} <= task_names
+    artifacts = _artifacts(summary["prefect_flow_run_id"])
+    for stage in STAGES:
+        assert by_name[stage].info.run_id in artifacts[f"rlhf-{stage}"], stage
+    assert "| accuracy |" in artifacts["rlhf-reward"]
+    assert "win rate" in artifacts["rlhf-evaluation"]
+    assert "**promoted**" in artifacts["rlhf-promotion"]
     report = (project / "runs/first/evaluate/report.html").read_text()
     assert "<h2>PPO over steps</h2>" in report and "data:image/png;base64" in report
 
-    # A second run: DVC skips the unchanged prepare stage; new versions are challengers, champion stays at 1
+    # A second run with nothing changed re-runs no stage but the data gate and registers nothing new
     second = _run_flow(project, "runs/second")
     assert second["data"]["version"] == on_disk["data"]["version"]
-    # a retrain picks the SFT epoch by the champion RM's mean score on validation prompts
-    assert second["stages"]["sft"]["metrics"]["selection"] == "mean_rm_score"
-    assert isinstance(second["stages"]["sft"]["metrics"]["selection_rm_score"], float)
+    for stage in ("sft", "reward", "ppo", "evaluate"):
+        entry = second["stages"][stage]
+        assert entry["status"] == "reused", stage
+        assert entry["mlflow_run_id"] == on_disk["stages"][stage]["mlflow_run_id"], stage
+        assert not (project / "runs/second" / stage).exists()
+    assert all(m["reused"] for m in second["registered_models"])
+    assert second["promotion"]["skipped"] is True
+    assert len(client.search_model_versions("name = 'rlhf-policy-smoke'")) == 1
+    assert "reused" in _artifacts(second["prefect_flow_run_id"])["rlhf-sft"]
+
+    # Only a PPO parameter changes: SFT and the RM are reused, PPO and evaluation re-run, a new challenger is gated
+    third = _run_flow(project, "runs/third", ["ppo.learning_rate=2.0e-4"])
+    assert [third["stages"][s]["status"] for s in ("sft", "reward", "ppo", "evaluate")] == \
+        ["reused", "reused", "completed", "completed"]
+    assert third["stages"]["sft"]["mlflow_run_id"] == on_disk["stages"]["sft"]["mlflow_run_id"]
+    assert (project / "runs/third/ppo/model/model.safetensors").exists()
+    assert {m["name"]: m["version"] for m in third["registered_models"]} == \
+        {"rlhf-policy-smoke": 2, "rlhf-reward-model-smoke": 2}
+    decision = third["promotion"]
+    figures = decision["figures"]
+    assert figures["has_champion"] is True and 0.0 <= figures["win_rate_vs_champion"] <= 1.0
+    low, high = figures["win_rate_vs_champion_ci"]
+    assert low <= figures["win_rate_vs_champion"] <= high
+    assert decision["previous_champion"] == 1
+    champion = int(client.get_model_version_by_alias("rlhf-policy-smoke", "champion").version)
+    tags = client.get_model_version("rlhf-policy-smoke", "2").tags
+    if decision["promoted"]:
+        assert champion == 2 and tags["rlhf.promotion.previous_champion"] == "1"
+    else:
+        assert champion == 1 and tags["rlhf.promotion.decision"] == "rejected"
+    assert tags["rlhf.promotion.kl_to_sft"] == f"{figures['kl_to_sft']:.6g}"
+
+    # rollback (after a promotion by hand, so there is always one to undo) moves both champions back to version 1
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    cli = ["--profile", "smoke", "--config", str(project / "params.yaml")]
+    result = runner.invoke(app, ["promote", "--version", "2", *cli])
+    assert result.exit_code == 0, result.output
+    assert int(client.get_model_version_by_alias("rlhf-policy-smoke", "champion").version) == 2
+    assert int(client.get_model_version_by_alias("rlhf-reward-model-smoke", "champion").version) == 2
+    if not decision["promoted"]:  # the hand promotion replaced version 1
+        assert client.get_model_version("rlhf-policy-smoke", "2").tags["rlhf.promotion.previous_champion"] == "1"
+    result = runner.invoke(app, ["promote", "--rollback", *cli])
+    assert result.exit_code == 0, result.output
+    assert "champion 2 → 1" in result.output
     for name in registered:
         assert int(client.get_model_version_by_alias(name, "champion").version) == 1
-        assert int(client.get_model_version_by_alias(name, "challenger").version) == 2
+    assert client.get_model_version("rlhf-policy-smoke", "2").tags["rlhf.promotion.decision"] == "rolled_back"
+    result = runner.invoke(app, ["promote", "--rollback", *cli])  # version 1 replaced nothing
+    assert result.exit_code == 1 and "nothing to roll back to" in result.output
+
+    # lineage of the champion: the chain back to data, code and runs
+    result = runner.invoke(app, ["lineage", "rlhf-policy-smoke@champion", "--config", str(project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"pipeline run {summary['mlflow_parent_run_id']}" in result.output
+    assert f"data version {on_disk['data']['version']}" in result.output
+    assert f"Prefect flow run {summary['prefect_flow_run_id']}" in result.output
+    for stage in STAGES:
+        assert f"{stage}: run {on_disk['stages'][stage]['mlflow_run_id']}" in result.output
+
+
+def _artifacts(flow_run_id: str) -> dict[str, str]:
+    """The Prefect artifacts of a flow run, ``{key: markdown}``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a.data for a in found if a.key}
 
 
 def _task_runs(flow_run_id: str):
