@@ -11,12 +11,19 @@ The RM starts from the SFT model with its LM head replaced by a scalar head and 
 
 After training a bias is set so that the mean score of the SFT demonstrations is 0 (App. C.2), stored with the model.
 Held-out accuracy is reported with a 95% Wilson interval next to the trivial baseline "the shorter reply wins".
+
+The fine-tuning modes write resumable checkpoints when ``reward.checkpoint_every`` > 0
+(``output_dir/checkpoints/{model,judge}/step-NNNNNN``); a rerun with the same configuration, inputs and ``output_dir``
+resumes from the newest and ends with the same models and metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -111,10 +118,75 @@ def choose_head_l2(
     return best, scores
 
 
+CHECKPOINT_DIR = "checkpoints"
+
+
+def _rng_state() -> dict:
+    """The global RNG states: torch (CPU and, when present, CUDA), Python's ``random`` and NumPy's."""
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    """Restore what :func:`_rng_state` returned."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_reward_checkpoint(root: Path, step: int, model: ScalarHeadModel, state: dict, keep: int = 2) -> Path:
+    """Write ``root/step-NNNNNN`` atomically (a temporary folder renamed when complete): the model's weights
+    (``model.safetensors``) and ``state.pt`` (optimizer, scheduler, RNG states, the permutation generator, epoch and
+    position in the epoch's permutation, per-step history, configuration hash). Only the newest ``keep`` are kept."""
+    from safetensors.torch import save_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    final = root / f"step-{step:06d}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_reward_checkpoint(root: Path, config_hash: str) -> tuple[Path, dict] | None:
+    """The newest checkpoint in ``root`` written under ``config_hash`` and its loaded ``state.pt`` (``None`` if there
+    is none). Temporary folders of a write cut short by a kill are removed."""
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for candidate in sorted(root.glob("step-*"), reverse=True):
+        if (candidate / "state.pt").is_file() and (candidate / "model.safetensors").is_file():
+            state = torch.load(candidate / "state.pt", weights_only=False)
+            if state.get("config_hash") == config_hash:
+                return candidate, state
+    return None
+
+
 def _train_finetune(
-    model: ScalarHeadModel, tokenizer, train, config: Config, log: MetricLogger
+    model: ScalarHeadModel, tokenizer, train, config: Config, log: MetricLogger,
+    checkpoint_root: Path | None = None, config_hash: str = "",
 ) -> dict[str, float]:
-    """Fine-tune (all or the top layers) with the ranking loss; one batch element = all K responses of one prompt."""
+    """Fine-tune (all or the top layers) with the ranking loss; one batch element = all K responses of one prompt.
+
+    With ``checkpoint_root`` and ``reward.checkpoint_every`` > 0 a checkpoint is written every that many steps and
+    after the last one (:func:`save_reward_checkpoint`), and training resumes from the newest one of ``config_hash``
+    found there: weights, optimizer, scheduler, RNG states, the epoch's permutation and the position in it, and the
+    per-step history (replayed to ``log``). A checkpoint after the last step trains nothing and returns the same
+    figures.
+
+    Returns:
+        ``train_loss`` and ``train_accuracy`` (means over all steps), ``steps`` and ``resumed_from_step`` (0 when
+        fresh).
+    """
     cfg = config.reward
     if cfg.mode == "top_layers":
         for p in model.parameters():
@@ -133,13 +205,34 @@ def _train_finetune(
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
     device = next(model.parameters()).device
-    model.train()
-    losses, accs, step = [], [], 0
     generator = torch.Generator().manual_seed(config.model.seed)
+    checkpoints = checkpoint_root is not None and cfg.checkpoint_every > 0
+    config_hash = f"{config_hash}:{len(rows)}"
+    history: list[dict[str, float]] = []
+    step, first_epoch, position, order = 0, 0, 0, None
+    found = latest_reward_checkpoint(checkpoint_root, config_hash) if checkpoints else None
+    if found is not None:
+        from safetensors.torch import load_model
+
+        folder, state = found
+        load_model(model, str(folder / "model.safetensors"), device=str(device))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        _set_rng_state(state["rng"])
+        step, first_epoch, position, order = state["step"], state["epoch"], state["position"], state["order"]
+        history = state["history"]
+        for i, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
+            log(figures, i)
+    resumed_from = step
+    model.train()
     with progress("reward model", total) as advance:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(len(rows), generator=generator).tolist()
-            for start in range(0, len(order), cfg.batch_size):
+        if step:
+            advance(step)
+        for epoch in range(first_epoch, cfg.epochs):
+            if order is None:
+                order = torch.randperm(len(rows), generator=generator).tolist()
+            for start in range(position, len(order), cfg.batch_size):
                 batch = [rows[i] for i in order[start : start + cfg.batch_size]]
                 k = max(len(r.responses) for r in batch)
                 seqs = []
@@ -158,13 +251,25 @@ def _train_finetune(
                 step += 1
                 acc = float(ranking_accuracy(rewards.detach()).mean())
                 loss_value = loss.item()
-                losses.append(loss_value)
-                accs.append(acc)
-                log({"reward/loss": loss_value, "reward/accuracy": acc, "reward/grad_norm": grad_norm,
-                     "reward/learning_rate": scheduler.get_last_lr()[0]}, step)
+                figures = {"reward/loss": loss_value, "reward/accuracy": acc, "reward/grad_norm": grad_norm,
+                           "reward/learning_rate": scheduler.get_last_lr()[0]}
+                history.append(figures)
+                log(figures, step)
                 advance(1, loss=loss_value, acc=acc)
+                if checkpoints and (step % cfg.checkpoint_every == 0 or step == total):
+                    done = start + cfg.batch_size >= len(order)  # the epoch's last batch: the next one starts afresh
+                    save_reward_checkpoint(checkpoint_root, step, model, {
+                        "config_hash": config_hash, "step": step, "history": history,
+                        "epoch": epoch + 1 if done else epoch, "position": 0 if done else start + cfg.batch_size,
+                        "order": None if done else order, "generator": generator.get_state(), "rng": _rng_state(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    })
+            order, position = None, 0
     model.eval()
-    return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step)}
+    losses = [h["reward/loss"] for h in history]
+    accs = [h["reward/accuracy"] for h in history]
+    return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step),
+            "resumed_from_step": float(resumed_from)}
 
 
 def _flat(frame) -> tuple[list[list[dict]], list[str]]:
@@ -240,7 +345,10 @@ def run_reward(
         config: ``config.reward`` and ``config.model``.
         prepared_dir: folder with ``comparisons.parquet`` and ``demonstrations.parquet``.
         sft_model_path: the SFT model folder.
-        output_dir: the RM is saved to ``output_dir/model``, the judge to ``output_dir/judge``.
+        output_dir: the RM is saved to ``output_dir/model``, the judge to ``output_dir/judge``; checkpoints of the
+            fine-tuning modes go to ``output_dir/checkpoints/{model,judge}`` when ``reward.checkpoint_every`` > 0, and
+            a rerun with the same configuration, inputs and ``output_dir`` resumes from the newest (a training whose
+            checkpoint is after its last step is not repeated).
         log: receives ``reward/loss``, ``reward/accuracy``, ``reward/grad_norm`` per step.
 
     Returns:
@@ -248,7 +356,7 @@ def run_reward(
         ``accuracy_ci`` (95% Wilson ``[low, high]``), ``accuracy_shorter_baseline``, ``eval_pairs``, ``train_pairs``,
         ``train_loss``, ``train_accuracy``, ``normalization_bias``, ``mean_score_chosen``, ``mean_score_rejected``,
         with a judge ``judge_accuracy``, ``judge_accuracy_ci``, ``judge_train_pairs``, ``judge_normalization_bias``;
-        ``wall_s``.
+        in the fine-tuning modes ``steps`` and ``resumed_from_step`` (the RM's, 0 when fresh); ``wall_s``.
 
     Raises:
         ValueError: when there are no train or no held-out comparisons (or no judge comparisons with a judge).
@@ -305,12 +413,15 @@ def run_reward(
                     m.bias.fill_(float(m.bias) - float(_head_scores(m, demo_feats).mean()))
                 metrics.update(_held_out_metrics(_head_scores(m, held_feats), held_out, prefix))
     else:
-        metrics.update(_train_finetune(model, tokenizer, train, config, log))
+        config_hash = f"{config.section_hash('reward')}:{seed}:{sft_model_path}"
+        metrics.update(_train_finetune(model, tokenizer, train, config, log, output_dir / CHECKPOINT_DIR / "model",
+                                       f"{config_hash}:model"))
         if judge_train is not None:
             judge = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
             models["judge_"] = judge
-            judge_fit = _train_finetune(judge, tokenizer, judge_train, config, no_log)
-            metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k != "steps"})
+            judge_fit = _train_finetune(judge, tokenizer, judge_train, config, no_log,
+                                        output_dir / CHECKPOINT_DIR / "judge", f"{config_hash}:judge")
+            metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k not in ("steps", "resumed_from_step")})
         with torch.no_grad():
             for prefix, m in models.items():
                 if demos is not None:
