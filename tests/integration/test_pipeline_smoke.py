@@ -230,6 +230,16 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     for stage in STAGES:
         assert f"{stage}: run {on_disk['stages'][stage]['mlflow_run_id']}" in result.output
 
+    # ... and re-running from it (recorded config, no cache, nothing registered) gives the same weights
+    versions_before = len(client.search_model_versions("name = 'rlhf-policy-smoke'"))
+    result = runner.invoke(app, ["lineage", "rlhf-policy-smoke@champion", "--reproduce", "--config",
+                                 str(project / "params.yaml"), "--output-dir", str(project / "runs/reproduce")])
+    assert result.exit_code == 0, result.output
+    assert "→ reproduced" in result.output
+    reproduced = json.loads((project / "runs/reproduce/summary.json").read_text())
+    assert all(reproduced["stages"][s]["status"] == "completed" for s in STAGES)
+    assert len(client.search_model_versions("name = 'rlhf-policy-smoke'")) == versions_before
+
 
 def _artifacts(flow_run_id: str) -> dict[str, str]:
     """The Prefect artifacts of a flow run, ``{key: markdown}``."""
