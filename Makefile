@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo smoke test test-fast clean
+.PHONY: install demo smoke test test-fast clean services services-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ browser:
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
+
+services: $(STAMP)  ## real Prefect + MLflow servers in the background (PostgreSQL when it answers at :5432, else SQLite)
+	$(BIN)/python infra/services.py start
+
+services-stop:  ## stop what `make services` started
+	$(BIN)/python infra/services.py stop
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db data/prepared
