@@ -599,6 +599,7 @@ def rlhf_pipeline(
                            {"reward": rm["metrics"], "ppo": ppo["metrics"]}, rm["paths"].get("judge"),
                            ppo["output_dir"])
         record(current, ev)
+        _log_headline(parent, rm["metrics"], ppo["metrics"], ev["metrics"])
 
         current = "register"
         if not register_models:
@@ -635,6 +636,25 @@ def rlhf_pipeline(
         raise
     tracking.end_run(parent, "FINISHED")
     return summary.data
+
+
+HEADLINE = {"reward": ("accuracy", "judge_accuracy"), "ppo": ("kl", "mean_reward"),
+            "evaluate": ("win_rate_vs_sft", "win_rate_vs_sft_judge", "kl_to_sft", "ppl_sft", "ppl_policy")}
+
+
+def _log_headline(parent_run_id: str, *stage_metrics: dict) -> None:
+    """The figures people compare across runs, on the parent run too (``reward.accuracy``, ``evaluate.kl_to_sft``...),
+    so the MLflow runs table shows them without opening the stage runs."""
+    import time as _time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(_time.time() * 1000)
+    metrics = [Metric(f"{stage}.{key}", float(values[key]), now, 0)
+               for (stage, keys), values in zip(HEADLINE.items(), stage_metrics) for key in keys
+               if isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool)]
+    MlflowClient().log_batch(parent_run_id, metrics=metrics)
 
 
 def _champion_or_none(name: str) -> int | None:

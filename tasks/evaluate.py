@@ -209,6 +209,5 @@ def run_evaluate(
                 "sft_reward": float(s_sft[i]),
                 "policy_reward": float(s_pol[i]),
             }) + "\n")
-    log({f"evaluate/{k}": v for k, v in metrics.items() if isinstance(v, float)}, 0)
     metrics["wall_s"] = time.time() - start
     return StageResult("evaluate", paths={"samples": str(samples_path)}, metrics=metrics)
