@@ -1,7 +1,10 @@
-"""The smoke profile through real Prefect (temporary server), MLflow (SQLite) and DVC (git + dvc init) in a temp dir."""
+"""The smoke profile through real Prefect (temporary server), MLflow (SQLite) and DVC (git + dvc init) in a temp dir:
+one project's life: first run, retrain skipped on unchanged data (pulled from a DVC remote), a rerun that reuses every
+stage, a PPO-only change, promotion by hand and rollback, lineage and its reproduction, new rows and a retrain."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -9,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from flows.cli import app
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
+
+FIRST_ROWS = 1800
 
 STAGES = ("validate", "sft", "reward", "ppo", "evaluate")
 
@@ -68,13 +75,20 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
 
     from tasks.data import data_version
 
-    project = make_project(tmp_path / "project", shared_data)
+    # the first 1,800 real comparisons; the last 200 arrive later as new data for the scheduled retrain
+    lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
+    incoming = tmp_path / "incoming" / "comparisons.jsonl"
+    incoming.parent.mkdir()
+    incoming.write_text("".join(lines[:FIRST_ROWS]))
+    project = make_project(tmp_path / "project", shared_data, comparisons=incoming)
     summary = _run_flow(project, "runs/first")
 
     # summary.json: the interface other checks read
     on_disk = json.loads((project / "runs/first/summary.json").read_text())
     assert on_disk["mlflow_parent_run_id"] == summary["mlflow_parent_run_id"]
-    assert on_disk["data"]["comparisons"] == 1992 and on_disk["data"]["demonstrations"] == 175
+    # rows 87, 517, 926, 1104, 1255 and 1689 of the first 1,800 are malformed and dropped
+    assert on_disk["data"]["comparisons"] == FIRST_ROWS - 6 and on_disk["data"]["demonstrations"] == 175
+    assert on_disk["stages"]["validate"]["metrics"]["dropped_rows"] == 6.0
     assert on_disk["data"]["version"] == data_version(project / "data/prepared")
     for stage in STAGES:
         assert on_disk["stages"][stage]["status"] == "completed", stage
@@ -164,6 +178,21 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     report = (project / "runs/first/evaluate/report.html").read_text()
     assert "<h2>PPO over steps</h2>" in report and "data:image/png;base64" in report
 
+    # The prepared data goes to a DVC remote; a machine without it gets it back with `dvc pull` at the next retrain
+    store = tmp_path / "dvc-store"
+    for command in (["remote", "add", "-d", "store", str(store)], ["push", "-q"]):
+        subprocess.run(["dvc", *command], cwd=project, check=True)
+    shutil.rmtree(project / "data/prepared")
+
+    # The schedule fires with nothing new: `rlhf retrain` pulls the data, skips training and its artifact says why
+    runner = CliRunner()
+    result = runner.invoke(app, ["retrain", "--profile", "smoke", "--config", str(project / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "retrain skipped" in result.output and on_disk["data"]["version"] in result.output
+    assert data_version(project / "data/prepared") == on_disk["data"]["version"]  # pulled back from the remote
+    retrain_artifacts = _artifacts_by_key("rlhf-retrain")
+    assert any(a.startswith("**skipped**: nothing changed since the last successful run") for a in retrain_artifacts)
+
     # A second run with nothing changed re-runs no stage but the data gate and registers nothing new
     second = _run_flow(project, "runs/second")
     assert second["data"]["version"] == on_disk["data"]["version"]
@@ -200,11 +229,6 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     assert tags["rlhf.promotion.kl_to_sft"] == f"{figures['kl_to_sft']:.6g}"
 
     # rollback (after a promotion by hand, so there is always one to undo) moves both champions back to version 1
-    from typer.testing import CliRunner
-
-    from flows.cli import app
-
-    runner = CliRunner()
     cli = ["--profile", "smoke", "--config", str(project / "params.yaml")]
     result = runner.invoke(app, ["promote", "--version", "2", *cli])
     assert result.exit_code == 0, result.output
@@ -240,6 +264,38 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     assert all(reproduced["stages"][s]["status"] == "completed" for s in STAGES)
     assert len(client.search_model_versions("name = 'rlhf-policy-smoke'")) == versions_before
 
+    # 200 new real rows arrive: the scheduled retrain makes a new data version, re-runs every stage and gates a new
+    # challenger; its SFT checkpoint is picked by the champion reward model (App. C.1)
+    from flows.retrain import rlhf_retrain
+
+    with open(incoming, "a") as fh:
+        fh.write("".join(lines[FIRST_ROWS:]))
+    new = rlhf_retrain(profile="smoke", project_dir=str(project), output_dir="runs/retrain")
+    assert new["skipped"] is False
+    assert new["data"]["version"] != on_disk["data"]["version"]
+    assert new["data"]["comparisons"] == 1992  # all 2,000 rows but the 8 malformed ones
+    assert all(new["stages"][s]["status"] == "completed" for s in ("sft", "reward", "ppo", "evaluate"))
+    sft = new["stages"]["sft"]["metrics"]
+    assert sft["selection"] == "mean_rm_score" and isinstance(sft["selection_rm_score"], float)
+    assert sft["selection_reward_model"] == "models:/rlhf-reward-model-smoke/1"  # the champion after the rollback
+    assert {m["name"]: m["version"] for m in new["registered_models"]} == \
+        {"rlhf-policy-smoke": 3, "rlhf-reward-model-smoke": 3}
+    assert new["promotion"]["figures"]["has_champion"] is True
+    version = client.get_model_version("rlhf-policy-smoke", "3")
+    assert version.tags["rlhf.data_version"] == new["data"]["version"]
+    assert version.tags["rlhf.promotion.decision"] == ("promoted" if new["promotion"]["promoted"] else "rejected")
+    assert any(a.startswith("**retrained** (data_version ") and new["data"]["version"] in a
+               for a in _artifacts_by_key("rlhf-retrain"))
+
+
+def _artifacts_by_key(key: str) -> list[str]:
+    """The markdown of every Prefect artifact with ``key``."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        return [a.data for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))]
+
 
 def _artifacts(flow_run_id: str) -> dict[str, str]:
     """The Prefect artifacts of a flow run, ``{key: markdown}``."""
@@ -261,8 +317,6 @@ def _task_runs(flow_run_id: str):
 
 def test_bad_data_stops_the_flow_before_training(tmp_path, shared_data, prefect_server, mlflow_sqlite):
     """A comparison file with too many malformed rows fails the GX gate: no training, nothing registered."""
-    import gzip
-
     from mlflow import MlflowClient
 
     from tasks.validate import ValidationFailed
