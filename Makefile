@@ -26,7 +26,7 @@ smoke: $(STAMP)  ## the whole pipeline on the tiny model in about a minute
 	$(BIN)/rlhf run --profile smoke
 
 test: $(STAMP) browser  ## unit, data, integration and UI tests
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # Headless Chromium for tests/ui: Debian's package (Playwright drives it; it downloads no browser of its own).
 .PHONY: browser
