@@ -332,10 +332,13 @@ def run_side(side: str, python: Path, spec: dict, work: Path, run: int, timeout:
         raise RuntimeError(f"{side} worker failed (rc {proc.returncode}) after {time.time() - t0:.0f}s:\n{tail}")
     result = json.loads(lines[-1][len(RESULT_PREFIX):])
     shutil.rmtree(spec["output_dir"], ignore_errors=True)  # the trained policy is not needed
+    phases = result.get("phase_s_per_step")
+    split = (f", per step: gen {result['wall_steps_s'] * result['gen_share'] / (result['steps'] - 1):.2f}s "
+             f"score {phases['score_rollout']:.2f}s update {phases['ppo_update']:.2f}s" if phases else "")
     print(f"[bench] {spec['model']} {side} run {run}: {result['episodes_per_s']:.3f} episodes/s, "
           f"gen {result.get('gen_tokens_per_s', float('nan')):.1f} tok/s ({result['gen_share']:.0%} of step time), "
           f"mean response {result['response_tokens_mean']:.1f} tokens, score first {result['score_first']:.3f} "
-          f"last {result['score_last']:.3f}, {result['total_s']:.0f}s incl. loading", flush=True)
+          f"last {result['score_last']:.3f}, {result['total_s']:.0f}s incl. loading{split}", flush=True)
     return result
 
 

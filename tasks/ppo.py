@@ -5,13 +5,15 @@ One PPO step, in the order a reader expects (CleanRL-style, one function per pha
 
 1. **Rollout**: sample a batch of train prompts and one response each from the policy (temperature 1, no top-k/top-p).
 2. **Score**: the RM scores each full response (read at its EOS token); log-probabilities of the response tokens under
-   the policy and the frozen reference (SFT) model; values from the value model (initialised from the RM).
+   the policy (in fp32 read from the logits ``generate`` computed while sampling, else a policy forward) and the frozen
+   reference (SFT) model; values from the value model (initialised from the RM).
 3. **Rewards**: ``r_t = −β·(log π(a_t) − log π_ref(a_t))`` per token, plus the RM score on the last token
    (:func:`models.losses.per_token_kl_rewards`); a response cut by the length limit optionally gets a penalty instead of
    its score.
 4. **Advantages**: GAE with γ = 1 (:func:`models.losses.gae`), whitened over the batch.
 5. **Update**: ``ppo_epochs`` passes over shuffled minibatches with the clipped policy loss and the clipped value loss
-   (:func:`models.losses.ppo_policy_loss`, :func:`models.losses.ppo_value_loss`).
+   (:func:`models.losses.ppo_policy_loss`, :func:`models.losses.ppo_value_loss`); each minibatch drops the columns that
+   are padding in all its rows (:func:`trim_padding`).
 
 Policy and value model are separate networks with their own optimisers, as in the paper (a 6B value function for the
 175B policy). Runs on CUDA in bf16 and on CPU in fp32.
@@ -51,12 +53,18 @@ def score_rollout(
 ) -> dict[str, torch.Tensor]:
     """Phase 2 and 3: everything the update needs, computed once without gradients.
 
-    ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]`` tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and
-    ``[B]`` tensors ``scores`` (RM score, before any penalty).
+    The policy's log-probabilities come from the rollout when it carries them (``Rollout.logprobs``: read from the
+    logits ``generate`` computed while sampling, see :func:`models.policy.sample_responses`), else from a policy forward
+    here. ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]``
+    tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and ``[B]`` tensors ``scores``
+    (RM score, before any penalty).
     """
     ids, attn, p = rollout.input_ids, rollout.attention_mask, rollout.query_length
     mask = rollout.response_mask.float()
-    logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
+    if rollout.logprobs is not None:
+        logprobs = rollout.logprobs
+    else:
+        logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
     ref_logprobs, _ = response_logprobs(reference, ids, attn, p, cfg.temperature)
     values = value_model.values(ids, attn)[:, p - 1 : -1]
     scores = reward_model.score(ids, attn)
@@ -74,6 +82,25 @@ def score_rollout(
         "mask": mask,
         "scores": scores,
     }
+
+
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, query_length: int, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Drop the columns that are padding in every row of a (mini)batch: leading query columns (queries are
+    left-padded to the whole rollout's longest) and trailing response columns (responses right-padded).
+
+    Returns ``(input_ids, attention_mask, query_length, response_width)`` of the trimmed batch; the response tensors of
+    the minibatch are then ``[:, :response_width]``. Masked positions take no part in attention, position ids count
+    real tokens only and every loss is a masked mean, so losses and gradients are those of the untrimmed batch (up to
+    float rounding); only the work on all-padding columns is saved.
+    """
+    real_query = attention_mask[:, :query_length].any(0)
+    first = int(real_query.long().argmax()) if bool(real_query.any()) else query_length
+    real_response = response_mask.any(0)
+    width = int(real_response.nonzero().max()) + 1 if bool(real_response.any()) else response_mask.shape[1]
+    end = query_length + width
+    return input_ids[:, first:end], attention_mask[:, first:end], query_length - first, width
 
 
 def ppo_update(
@@ -102,12 +129,15 @@ def ppo_update(
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.mini_batch_size):
             idx = order[start : start + cfg.mini_batch_size].to(rollout.input_ids.device)
-            ids, attn, p = rollout.input_ids[idx], rollout.attention_mask[idx], rollout.query_length
-            mask = batch["mask"][idx]
+            ids, attn, p, r = trim_padding(rollout.input_ids[idx], rollout.attention_mask[idx],
+                                           rollout.query_length, rollout.response_mask[idx])
+            mask = batch["mask"][idx, :r]
             logprobs, entropy = response_logprobs(policy, ids, attn, p, cfg.temperature, with_entropy=True)
-            pg_loss, pg_stats = ppo_policy_loss(logprobs, batch["logprobs"][idx], advantages[idx], mask, cfg.clip_range)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, batch["logprobs"][idx, :r], advantages[idx, :r], mask,
+                                                cfg.clip_range)
             values = value_model.values(ids, attn)[:, p - 1 : -1]
-            vf_loss, vf_stats = ppo_value_loss(values, batch["values"][idx], returns[idx], mask, cfg.clip_range_value)
+            vf_loss, vf_stats = ppo_value_loss(values, batch["values"][idx, :r], returns[idx, :r], mask,
+                                               cfg.clip_range_value)
 
             loss = pg_loss
             ptx = None
@@ -129,7 +159,7 @@ def ppo_update(
             for key, value in {
                 "policy_loss": pg_loss,
                 "value_loss": vf_loss,
-                "entropy": masked_mean(entropy.detach(), mask),
+                "entropy": masked_mean(entropy, mask),
                 "grad_norm": pg_grad,
                 **pg_stats,
                 **vf_stats,
@@ -275,6 +305,15 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW (eps 1e-5, no weight decay) with torch's fused single-pass kernel where it exists (CPU and CUDA floating
+    point parameters; what transformers' Trainer, and so TRL, uses by default), else the per-tensor loop. The same
+    update rule either way; the fused kernel reads and writes each parameter's state once instead of once per op."""
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=fused or None)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 − Var[R − V] / Var[R]`` over the masked tokens (1 is perfect, ≤ 0 is no better than a constant)."""
     var_returns = masked_var(returns, mask)
@@ -337,9 +376,14 @@ def run_ppo(
     policy.eval()
     value_model.eval()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, weight_decay=0.0)
-    value_opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.value_learning_rate, eps=1e-5, weight_decay=0.0)
+    policy_opt = adamw(policy.parameters(), cfg.learning_rate)
+    value_opt = adamw(value_model.parameters(), cfg.value_learning_rate)
 
+    # the rollout's old log-probabilities come from generate's logits (no policy forward in scoring) in fp32, where
+    # the cached incremental pass and a full-sequence pass agree to 2e-5 nats a token or better (SmolLM2: mean
+    # 2.5e-6); in bf16 (CUDA) they round differently by far more, which would show up as spurious KL to the
+    # reference and ratios != 1 at step 1, so there the separate forward stays
+    logprobs_from_generate = dtype == torch.float32
     generator = torch.Generator().manual_seed(config.model.seed)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
@@ -373,7 +417,8 @@ def run_ppo(
             picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
 
             rollout = sample_responses(
-                policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+                policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                cfg.top_p, with_logprobs=logprobs_from_generate,
             )
             beta = kl_ctl.value
             batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg, kl_coef=beta)
