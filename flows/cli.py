@@ -281,10 +281,10 @@ def promote(
     except LookupError as exc:
         console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(1)
+    if moves.get("unchanged"):
+        console.print(f"{names[0]} version {version} is the champion already")
+        return
     for kind, move in moves.items():
-        if kind == "unchanged":
-            console.print(f"{names[0]} version {version} is the champion already")
-            continue
         name = names[0] if kind == "policy" else names[1]
         console.print(f"{name}: champion {move[0]} → {move[1]}")
 
@@ -303,17 +303,20 @@ def lineage(
     console = _console()
     from flows import lineage as lineage_mod
     from flows import tracking
-    from flows.config import load_config
 
-    project = config.resolve().parent
+    from tasks.registry import parse_model_ref
+
     try:
-        experiment = load_config(config).registry.experiment if config.exists() else "rlhf-pipeline"
-    except Exception:
-        experiment = "rlhf-pipeline"
-    tracking.setup_mlflow(project, experiment)
+        parse_model_ref(model)
+    except ValueError as exc:
+        console.print(f"[bold red]{exc}[/]")
+        raise typer.Exit(2)
+    cfg = _load_config_or_exit(console, config)  # the project (and its MLflow store) is the folder of --config
+    project = config.resolve().parent
+    tracking.setup_mlflow(project, cfg.registry.experiment)
     try:
         chain = lineage_mod.model_lineage(model)
-    except (LookupError, ValueError) as exc:
+    except LookupError as exc:
         console.print(f"[bold red]{exc}[/]")
         raise typer.Exit(1)
     for line in lineage_mod.format_lineage(chain):

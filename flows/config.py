@@ -214,6 +214,13 @@ class RetrainConfig(_Section):
         fields = self.cron.split()
         if len(fields) != 5:
             raise ValueError(f"retrain.cron must have 5 fields (minute hour day month weekday), got {self.cron!r}")
+        from prefect.client.schemas.schedules import CronSchedule  # Prefect's own check of what it will schedule
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValueError as exc:
+            detail = "; ".join(e["msg"] for e in getattr(exc, "errors", lambda: [])()) or str(exc)
+            raise ValueError(f"retrain: {detail}") from None
         return self
 
 
@@ -270,7 +277,10 @@ def _apply_override(raw: dict, override: str) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
         node = node.setdefault(key, {})
-    node[keys[-1]] = yaml.safe_load(value)
+    try:
+        node[keys[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:  # not YAML (e.g. a cron string "*/15 * * * *"): the text itself
+        node[keys[-1]] = value
 
 
 def load_config(

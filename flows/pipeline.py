@@ -616,15 +616,25 @@ def rlhf_pipeline(
         if not config.promotion.enabled:
             summary.data["promotion"] = {"promoted": False, "reasons": ["promotion disabled (promotion.enabled)"]}
         elif all(e.get("reused") for e in registered):
+            champion = _champion_or_none(config.registry.policy_name)
             summary.data["promotion"] = {
                 "promoted": False, "skipped": True,
                 "reasons": ["this policy was registered and judged by an earlier run; no new challenger"],
-                "champion_version": _champion_or_none(config.registry.policy_name),
+                "champion_version": champion,
             }
+            from prefect.artifacts import create_markdown_artifact
+
+            create_markdown_artifact(
+                key="rlhf-promotion", description="champion/challenger decision",
+                markdown=f"**skipped**: `{config.registry.policy_name}` version {registered[-1]['version']} was "
+                         f"registered and judged by an earlier run; no new challenger. Champion: version {champion}.\n")
         else:
             summary.data["promotion"] = promote_task(
                 config, data["prepared_dir"], registered, ppo["paths"]["model"], rm["metrics"], ev["metrics"],
                 rm["paths"].get("judge"), {**ctx, "reward_model": rm["paths"]["model"]}, str(project))
+            if summary.data["promotion"]["promoted"]:
+                for entry in registered:
+                    entry["aliases"] = sorted({*entry["aliases"], "champion"})
         summary.write()
     except BaseException as exc:
         if current in summary.data["stages"]:

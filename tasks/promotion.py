@@ -219,7 +219,7 @@ def apply_decision(decision: Decision, policy_name: str, reward_model_name: str,
     client = MlflowClient()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tags = {TAG + "decision": "promoted" if decision.promoted else "rejected", TAG + "time": stamp,
-            TAG + "reasons": "; ".join(decision.reasons)}
+            TAG + "reasons": "; ".join(decision.reasons), TAG + "rolled_back_at": ""}
     for key, value in decision.figures.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             tags[TAG + key] = f"{value:.6g}"
@@ -291,14 +291,16 @@ def promote_version(policy_name: str, reward_model_name: str, version: int) -> d
                         challenger_version=int(version), champion_version=int(version),
                         previous_champion=champion_version(policy_name))
     if decision.previous_champion == int(version):
-        return {"policy": (version, version), "unchanged": True}
+        return {"unchanged": True}
+    moves = {"policy": (decision.previous_champion, int(version))}
     if rm_version:
+        moves["reward_model"] = (champion_version(reward_model_name), int(rm_version))
         apply_decision(decision, policy_name, reward_model_name, int(rm_version))
     else:  # a version registered without its reward model: move the policy alone
         _tag(policy_name, int(version), {TAG + "decision": "promoted",
                                          TAG + "previous_champion": decision.previous_champion or ""})
         client.set_registered_model_alias(policy_name, CHAMPION, str(version))
-    return {"policy": (decision.previous_champion, int(version))}
+    return moves
 
 
 def decision_markdown(decision: Decision, policy_name: str) -> str:
