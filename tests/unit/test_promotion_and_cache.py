@@ -98,3 +98,12 @@ def test_code_version_covers_the_stage_modules():
     assert len(code_version()) == 16 and code_version() == code_version()
     with pytest.raises(KeyError):
         code_version("validate")
+
+
+def test_retrain_schedule_is_checked_with_prefects_cron_parser():
+    params = PROJECT_ROOT / "params.yaml"
+    assert load_config(params, "smoke", ["retrain.cron=*/15 * * * *"]).retrain.cron == "*/15 * * * *"  # not YAML: text
+    for bad, message in (("retrain.cron=61 * * * *", "Invalid cron string"), ("retrain.cron=* *", "5 fields"),
+                         ("retrain.timezone=Mars/Phobos", "Invalid timezone")):
+        with pytest.raises(ValueError, match=message):
+            load_config(params, "smoke", [bad])
