@@ -121,7 +121,6 @@ def reproduce(chain: dict, project: Path, output_dir: Path) -> dict:
     import json
     import tempfile
 
-    import torch
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 

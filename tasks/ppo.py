@@ -43,7 +43,10 @@ from models.losses import (
 )
 from models.policy import Rollout, response_logprobs, sample_responses
 from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences
-from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything
+from tasks.common import (
+    MetricLogger, StageResult, latest_step_checkpoint, no_log, progress, rng_state, save_step_checkpoint,
+    seed_everything, set_rng_state,
+)
 from tasks.data import load_prepared
 
 
@@ -251,58 +254,21 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def save_checkpoint(output_dir: Path, step: int, policy, value_model, state: dict, keep: int = 1) -> Path:
-    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically (temp folder, then rename): policy and value model
-    (safetensors), optimisers, RNG states, data position, KL coefficient, EMA weights and the step history. Older
-    checkpoints beyond the last ``keep`` are removed."""
-    import shutil
-    import tempfile
+    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically (:func:`tasks.common.save_step_checkpoint`): policy
+    and value model (safetensors), optimisers, RNG states, data position, KL coefficient, EMA weights and the step
+    history. Older checkpoints beyond the last ``keep`` are removed."""
 
-    root = output_dir / CHECKPOINT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    policy.save_pretrained(tmp / "policy", safe_serialization=True)
-    value_model.save_pretrained(tmp / "value")
-    torch.save(state, tmp / "state.pt")
-    final = root / f"step-{step:06d}"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    def write(folder: Path) -> None:
+        policy.save_pretrained(folder / "policy", safe_serialization=True)
+        value_model.save_pretrained(folder / "value")
+
+    return save_step_checkpoint(output_dir / CHECKPOINT_DIR, step, write, state, keep)
 
 
 def latest_checkpoint(output_dir: Path, config_hash: str) -> tuple[Path, dict] | None:
     """The newest complete checkpoint of this configuration in ``output_dir`` and its loaded state (``None`` if there
     is none)."""
-    import shutil
-
-    root = output_dir / CHECKPOINT_DIR
-    for tmp in root.glob(".tmp-*"):  # a write cut short by a kill
-        shutil.rmtree(tmp, ignore_errors=True)
-    for candidate in sorted(root.glob("step-*"), reverse=True):
-        if (candidate / "state.pt").exists():
-            state = torch.load(candidate / "state.pt", weights_only=False)
-            if state.get("config_hash") == config_hash:
-                return candidate, state
-    return None
-
-
-def _rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    return latest_step_checkpoint(output_dir / CHECKPOINT_DIR, config_hash)
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -395,7 +361,7 @@ def run_ppo(
         policy_opt.load_state_dict(state["policy_opt"])
         value_opt.load_state_dict(state["value_opt"])
         generator.set_state(state["generator"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         kl_ctl.value = state["kl_coef"]
         if ema is not None:
             ema.shadow = state["ema"]
@@ -451,7 +417,7 @@ def run_ppo(
             if cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_checkpoint(output_dir, step, policy, value_model, {
                     "config_hash": config_hash, "step": step, "order": order, "history": history,
-                    "generator": generator.get_state(), "rng": _rng_state(), "kl_coef": kl_ctl.value,
+                    "generator": generator.get_state(), "rng": rng_state(), "kl_coef": kl_ctl.value,
                     "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
                     "ema": ema.shadow if ema is not None else None,
                     "ptx_drawn": ptx_batches.count if ptx_batches is not None else 0,

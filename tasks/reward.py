@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +30,10 @@ from flows.config import Config
 from models.loading import default_dtype, load_tokenizer, resolve_device
 from models.losses import ranking_accuracy, ranking_loss
 from models.reward_model import ScalarHeadModel, encode_pair, pad_sequences, score_texts
-from tasks.common import MetricLogger, StageResult, no_log, progress, seed_everything, wilson_interval
+from tasks.common import (
+    MetricLogger, StageResult, latest_step_checkpoint, no_log, progress, rng_state, save_step_checkpoint,
+    seed_everything, set_rng_state, wilson_interval,
+)
 from tasks.data import load_prepared
 
 
@@ -121,54 +121,20 @@ def choose_head_l2(
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _rng_state() -> dict:
-    """The global RNG states: torch (CPU and, when present, CUDA), Python's ``random`` and NumPy's."""
-    import numpy as np
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    """Restore what :func:`_rng_state` returned."""
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_reward_checkpoint(root: Path, step: int, model: ScalarHeadModel, state: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically (a temporary folder renamed when complete): the model's weights
+    """Write ``root/step-NNNNNN`` atomically (:func:`tasks.common.save_step_checkpoint`): the model's weights
     (``model.safetensors``) and ``state.pt`` (optimizer, scheduler, RNG states, the permutation generator, epoch and
     position in the epoch's permutation, per-step history, configuration hash). Only the newest ``keep`` are kept."""
     from safetensors.torch import save_model
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    final = root / f"step-{step:06d}"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return save_step_checkpoint(root, step, lambda folder: save_model(model, str(folder / "model.safetensors")),
+                                state, keep)
 
 
 def latest_reward_checkpoint(root: Path, config_hash: str) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``root`` written under ``config_hash`` and its loaded ``state.pt`` (``None`` if there
     is none). Temporary folders of a write cut short by a kill are removed."""
-    for tmp in root.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    for candidate in sorted(root.glob("step-*"), reverse=True):
-        if (candidate / "state.pt").is_file() and (candidate / "model.safetensors").is_file():
-            state = torch.load(candidate / "state.pt", weights_only=False)
-            if state.get("config_hash") == config_hash:
-                return candidate, state
-    return None
+    return latest_step_checkpoint(root, config_hash, required=("state.pt", "model.safetensors"))
 
 
 def _train_finetune(
@@ -219,7 +185,7 @@ def _train_finetune(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step, first_epoch, position, order = state["step"], state["epoch"], state["position"], state["order"]
         history = state["history"]
         for i, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
@@ -261,7 +227,7 @@ def _train_finetune(
                     save_reward_checkpoint(checkpoint_root, step, model, {
                         "config_hash": config_hash, "step": step, "history": history,
                         "epoch": epoch + 1 if done else epoch, "position": 0 if done else start + cfg.batch_size,
-                        "order": None if done else order, "generator": generator.get_state(), "rng": _rng_state(),
+                        "order": None if done else order, "generator": generator.get_state(), "rng": rng_state(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     })
             order, position = None, 0
