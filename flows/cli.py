@@ -75,19 +75,26 @@ def run(
     if not out.is_absolute():
         out = project_dir / out
     from flows.pipeline import rlhf_pipeline
-    from tasks.validate import ValidationFailed
 
     console.print(f"[bold]rlhf-pipeline[/] profile={profile} model={cfg.model.base} output={out}")
     start = time.time()
+    summary = _run_flow_or_exit(console, "pipeline", f"\nsee {out / 'summary.json'}", rlhf_pipeline, config=cfg,
+                                project_dir=str(project_dir), output_dir=str(out), use_cache=not no_cache)
+    _print_summary(console, summary, out, time.time() - start)
+
+
+def _run_flow_or_exit(console, what: str, hint: str, flow_fn, **kwargs) -> dict:
+    """Run a flow; a failed data gate exits 2 ("nothing registered"), any other error exits 1 naming it."""
+    from tasks.validate import ValidationFailed
+
     try:
-        summary = rlhf_pipeline(config=cfg, project_dir=str(project_dir), output_dir=str(out), use_cache=not no_cache)
+        return flow_fn(**kwargs)
     except ValidationFailed as exc:
         console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
         raise typer.Exit(2)
     except Exception as exc:
-        console.print(f"[bold red]pipeline failed:[/] {type(exc).__name__}: {exc}\nsee {out / 'summary.json'}")
+        console.print(f"[bold red]{what} failed:[/] {type(exc).__name__}: {exc}{hint}")
         raise typer.Exit(1)
-    _print_summary(console, summary, out, time.time() - start)
 
 
 def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
@@ -235,18 +242,11 @@ def retrain(
     console = _console()
     _load_config_or_exit(console, config, profile)
     from flows.retrain import rlhf_retrain
-    from tasks.validate import ValidationFailed
 
     start = time.time()
-    try:
-        result = rlhf_retrain(profile=profile, config_path=str(config.resolve()), project_dir=str(config.resolve().parent),
-                              output_dir=str(output_dir) if output_dir else None, force=force)
-    except ValidationFailed as exc:
-        console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
-        raise typer.Exit(2)
-    except Exception as exc:
-        console.print(f"[bold red]retrain failed:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1)
+    result = _run_flow_or_exit(console, "retrain", "", rlhf_retrain, profile=profile,
+                               config_path=str(config.resolve()), project_dir=str(config.resolve().parent),
+                               output_dir=str(output_dir) if output_dir else None, force=force)
     if result.get("skipped"):
         console.print(f"[bold]retrain skipped[/]: {result['reason']}")
         return
