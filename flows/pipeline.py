@@ -101,6 +101,16 @@ def failure_file(config: Config) -> Path:
     return Path(config.data.prepared_dir).parent / "validation_failure.txt"
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment for DVC subprocesses: this interpreter's ``bin`` first on ``PATH`` (the stage's ``python``)."""
+    return dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def stage_params(config: Config, stage: str) -> dict[str, str]:
+    """The MLflow params of a stage run: its own section and the ``model`` section."""
+    return {k: v for k, v in config.flat_params().items() if k.startswith((f"{stage}.", "model."))}
+
+
 def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
     """``dvc repro prepare`` in ``project_dir`` (runs ``rlhf prepare`` only when its inputs changed).
 
@@ -114,8 +124,7 @@ def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
     """
     from tasks.validate import ValidationFailed
 
-    env = dict(os.environ)
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env = dvc_env()
     failure = failure_file(config)
     failure.unlink(missing_ok=True)
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=project_dir, env=env,
@@ -214,7 +223,7 @@ def _record_reuse(stage: str, hit: dict, config: Config, ctx: dict) -> None:
     one child per stage), with the reused metrics so runs compare side by side."""
     import mlflow
 
-    params = {k: v for k, v in config.flat_params().items() if k.startswith((f"{stage}.", "model."))}
+    params = stage_params(config, stage)
     tags = {**ctx["tags"], "rlhf.cache_key": ctx["keys"][stage], "rlhf.reused_run_id": hit["mlflow_run_id"],
             "rlhf.output_dir": hit["output_dir"]}
     with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], stage, params, tags):
@@ -261,7 +270,7 @@ def _stage(stage: str, config: Config, ctx: dict, fn, *args) -> dict:
             _stage_artifact(stage, "reused", hit["metrics"], hit["mlflow_run_id"], ctx,
                             f" (inputs unchanged; outputs in `{hit['output_dir']}`)")
             return {**hit, "status": "reused", "cache_key": key}
-    params = {k: v for k, v in config.flat_params().items() if k.startswith((f"{stage}.", "model."))}
+    params = stage_params(config, stage)
     out = Path(ctx["output_dir"]) / stage
     tags = {**ctx["tags"], "rlhf.cache_key": key, "rlhf.output_dir": str(out)}
     with tracking.stage_run(ctx["experiment_id"], ctx["parent_run_id"], stage, params, tags) as (run_id, sink):

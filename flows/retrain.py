@@ -13,7 +13,6 @@ On its cron schedule (``params.yaml`` ``retrain.cron``; the deployment in ``infr
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,16 +38,15 @@ def refresh_data_task(config: Config, project_dir: str) -> dict:
         tasks.validate.ValidationFailed: new data failed the GX gate (nothing is trained or registered).
         RuntimeError: a DVC command failed (its message included).
     """
-    from flows.pipeline import _dvc_params_match, dvc_repro_prepare, is_dvc_repo, prepare_data
+    from flows.pipeline import _dvc_params_match, dvc_env, dvc_repro_prepare, is_dvc_repo, prepare_data
     from tasks.data import data_version
 
     logger = get_run_logger()
     project = Path(project_dir)
     if is_dvc_repo(project) and _dvc_params_match(project, config):
         if has_dvc_remote(project):
-            env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-            proc = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=project, env=env, capture_output=True,
-                                  text=True)
+            proc = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=project, env=dvc_env(),
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"`dvc pull` failed in {project}: {proc.stderr.strip()[-2000:]}")
             logger.info("dvc pull: %s", proc.stdout.strip()[-500:] or "up to date")
