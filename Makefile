@@ -25,7 +25,8 @@ demo: $(STAMP)  ## the main job: the demo profile on the real data with SmolLM2-
 smoke: $(STAMP)  ## the whole pipeline on the tiny model in about a minute
 	$(BIN)/rlhf run --profile smoke
 
-test: $(STAMP) browser  ## unit, data, integration and UI tests
+test: $(STAMP) browser  ## lint, then unit, real-data, integration and UI tests
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --durations=15
 
 # Headless Chromium for tests/ui: Debian's package (Playwright drives it; it downloads no browser of its own).
@@ -36,13 +37,14 @@ browser:
 		|| { $(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 test-fast: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not integration"
 
 services: $(STAMP)  ## real Prefect + MLflow servers in the background (PostgreSQL when it answers at :5432, else SQLite)
-	$(BIN)/python infra/services.py start
+	$(BIN)/python -m rlhf_pipeline.infra.services start
 
 services-stop:  ## stop what `make services` started
-	$(BIN)/python infra/services.py stop
+	$(BIN)/python -m rlhf_pipeline.infra.services stop
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db data/prepared

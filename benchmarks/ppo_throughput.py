@@ -85,10 +85,9 @@ def _score_summary(scores: list[float]) -> dict:
 
 
 def _ours_worker(spec: dict) -> dict:
-    sys.path.insert(0, str(ROOT))
     _set_threads(spec["threads"])
-    import tasks.ppo as ppo
-    from flows.config import load_config
+    import rlhf_pipeline.tasks.ppo as ppo
+    from rlhf_pipeline.flows.config import load_config
 
     overrides = [
         f"model.base={spec['policy']}", "model.device=cpu", f"model.seed={spec['seed']}",
@@ -130,7 +129,7 @@ def _ours_worker(spec: dict) -> dict:
         lengths.append(metrics["ppo/response_length"])
 
     t0 = time.perf_counter()
-    ppo.run_ppo(config, spec["prepared_dir"], spec["policy"], spec["reward_model"], spec["output_dir"], log)
+    ppo.run_ppo(config.ppo, config.model, spec["prepared_dir"], spec["policy"], spec["reward_model"], spec["output_dir"], log)
     return {"side": "ours", "total_s": time.perf_counter() - t0, "logged_response_length": sum(lengths) / len(lengths),
             "phase_s_per_step": {k: sum(v[1:]) / max(1, len(v) - 1) for k, v in phases.items()},
             **_rates(step_times, gen, spec["batch_size"]), **_score_summary(scores)}
@@ -278,18 +277,18 @@ def ensure_trl_venv(venv: Path) -> Path:
 
 def prepare_inputs(model: str, work: Path, args) -> dict:
     """Model folders, the shared RM folder and the prompt ids; returns the spec both workers get."""
-    sys.path.insert(0, str(ROOT))
     import torch
-
-    from models.loading import ensure_smollm2, ensure_tiny_random
-    from models.reward_model import ScalarHeadModel, chat_prompt_ids
-    from tasks.data import load_prepared
     from transformers import AutoTokenizer
+
+    from rlhf_pipeline.models.loading import ensure_smollm2, ensure_tiny_random
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel
+    from rlhf_pipeline.models.tokens import chat_prompt_ids
+    from rlhf_pipeline.tasks.datasets import load_prepared
 
     prepared = Path(args.prepared_dir)
     if not (prepared / "prompts.parquet").exists():
         print(f"[bench] preparing data into {prepared}", flush=True)
-        subprocess.run([sys.executable, "-m", "flows.cli", "prepare"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "rlhf_pipeline.flows.cli", "prepare"], cwd=ROOT, check=True)
     policy = ensure_tiny_random() if model == "tiny" else ensure_smollm2()
     rm_dir = work / f"rm-{model}"
     if not (rm_dir / "config.json").exists():

@@ -1,12 +1,13 @@
 """Stage caching: reuse a stage whose inputs are unchanged.
 
-A stage's cache key is a sha256 over everything its output depends on:
+A stage's cache key is a sha256 over everything its output depends on (:func:`stage_key`):
 
-- the data version (content hash of the prepared datasets, :func:`tasks.data.data_version`),
-- its own config section and the ``model`` section (base model, seed, device),
+- the data version (content hash of the prepared datasets, :func:`rlhf_pipeline.tasks.datasets.data_version`),
+- the configuration sections the stage reads (:data:`rlhf_pipeline.flows.stages.STAGES`: exactly the sections its
+  function takes),
 - the keys of the upstream stages it consumes (so a new SFT model invalidates RM, PPO and evaluation),
-- the code version of the stage: the content of ``models/*.py``, ``tasks/common.py``, ``tasks/data.py`` and the
-  stage's own module(s).
+- the code version of the stage: the content of the stage's module and of every ``rlhf_pipeline.tasks`` /
+  ``rlhf_pipeline.models`` module it imports, directly or not (read from the source with ``ast``).
 
 Finished stage runs carry their key as the MLflow tag ``rlhf.cache_key``; the stage's ``result.json`` on disk carries it
 too. A stage is reused when a ``FINISHED`` MLflow run with its key exists *and* that run's output folder still holds a
@@ -21,59 +22,107 @@ consulted whenever SFT does run (new data, new SFT settings, new code).
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 from pathlib import Path
 
-from flows.config import Config
+from rlhf_pipeline.flows.config import Config
+from rlhf_pipeline.flows.stages import STAGE
+from rlhf_pipeline.tasks.stage import StageDir
 
+#: the folder holding ``flows/``, ``tasks/`` and ``models/`` (the project in a checkout, the package when installed)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "rlhf_pipeline"
+#: the code of the pipeline as a whole (the lineage tag ``rlhf.code_version``)
+PIPELINE_CODE = ("flows", "tasks", "models")
 
-#: stage -> (config sections in its key, upstream stages in its key, modules of its code besides the shared ones)
-STAGE_INPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
-    "sft": (("sft", "model"), (), ("tasks/sft.py",)),
-    "reward": (("reward", "model"), ("sft",), ("tasks/reward.py",)),
-    "ppo": (("ppo", "model"), ("sft", "reward"), ("tasks/ppo.py",)),
-    "evaluate": (("evaluate", "model"), ("sft", "reward", "ppo"), ("tasks/evaluate.py", "tasks/report.py",
-                                                                    "tasks/ppo.py")),
-}
-SHARED_CODE = ("models/*.py", "tasks/common.py", "tasks/data.py")
+
+def _module_file(module: str) -> Path | None:
+    """The source file of an ``rlhf_pipeline`` module (``rlhf_pipeline.tasks.sft`` -> ``tasks/sft.py``)."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE or len(parts) < 2:
+        return None
+    base = PACKAGE_ROOT.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            todo += node.orelse
+            continue
+        todo += list(ast.iter_child_nodes(node))
+
+
+@functools.lru_cache(maxsize=None)
+def code_files(module: str) -> tuple[Path, ...]:
+    """The source files of ``module`` and of every ``rlhf_pipeline`` module it imports, transitively (imports inside
+    functions included), sorted; only ``tasks`` and ``models`` are followed, the layers a stage may use."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in seen or path is None:
+            continue
+        seen[name] = path
+        for node in _runtime_nodes(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            todo += [n for n in names if n.startswith((f"{PACKAGE}.tasks", f"{PACKAGE}.models"))]
+    return tuple(sorted(set(seen.values())))
+
+
+def _digest(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def code_version(stage: str | None = None) -> str:
-    """sha256 (16 hex digits) of the source files a stage runs; of all of ``flows/``, ``tasks/`` and ``models/`` when
-    ``stage`` is ``None`` (the pipeline's code version, a lineage tag).
+    """sha256 (16 hex digits) of the source files a stage runs (:func:`code_files` of its module); of all of
+    ``flows/``, ``tasks/`` and ``models/`` when ``stage`` is ``None`` (the pipeline's code version, a lineage tag).
 
     Raises:
-        KeyError: for a stage without inputs (``validate`` is DVC's job and is never cached).
+        KeyError: for an unknown stage, or one that is never cached (``validate`` is DVC's job).
     """
     if stage is None:
-        patterns: tuple[str, ...] = ("flows/*.py", "tasks/*.py", "models/*.py")
-    else:
-        patterns = SHARED_CODE + STAGE_INPUTS[stage][2]
-    digest = hashlib.sha256()
-    for pattern in patterns:
-        for path in sorted(PACKAGE_ROOT.glob(pattern)):
-            digest.update(path.relative_to(PACKAGE_ROOT).as_posix().encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+        return _digest(sorted(p for folder in PIPELINE_CODE for p in (PACKAGE_ROOT / folder).glob("*.py")))
+    if not STAGE[stage].cached:
+        raise KeyError(f"stage {stage!r} is not cached: it has no code version of its own")
+    return _digest(code_files(STAGE[stage].module))
 
 
 def stage_key(stage: str, config: Config, data_version: str, upstream: dict[str, str]) -> str:
     """The cache key of ``stage`` (sha256, 24 hex digits).
 
     Args:
-        upstream: ``{stage: key}`` of the stages run (or reused) before it; the ones in :data:`STAGE_INPUTS` count.
+        upstream: ``{stage: key}`` of the stages run (or reused) before it; the ones the stage consumes count.
 
     Raises:
         KeyError: when an upstream stage this one depends on has no key.
     """
-    sections, deps, _ = STAGE_INPUTS[stage]
+    declared = STAGE[stage]
     payload = {
         "stage": stage,
         "data_version": data_version,
-        "config": {name: getattr(config, name).model_dump(mode="json") for name in sections},
-        "upstream": {name: upstream[name] for name in deps},
+        "config": {name: getattr(config, name).model_dump(mode="json") for name in declared.sections},
+        "upstream": {name: upstream[name] for name in declared.upstream},
         "code": code_version(stage),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -101,7 +150,7 @@ def find_reusable(experiment_id: str, stage: str, key: str) -> dict | None:
         folder = run.data.tags.get("rlhf.output_dir")
         if not folder:
             continue
-        result_file = Path(folder) / "result.json"
+        result_file = StageDir(folder).result
         try:
             result = json.loads(result_file.read_text())
         except (OSError, ValueError):

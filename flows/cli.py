@@ -1,6 +1,7 @@
-"""The ``rlhf`` command line: ``run`` the pipeline, ``prepare`` the data (the DVC stage), ``validate`` a data file.
+"""The ``rlhf`` command line: ``run`` the pipeline, ``prepare`` the data (the DVC stage), ``validate`` a data file,
+``retrain``, ``promote``, ``lineage`` and ``services``.
 
-Heavy libraries are imported inside the commands so ``rlhf --help`` stays fast (design principle 5).
+Heavy libraries (torch, Prefect, MLflow, GX) are imported inside the commands, so ``rlhf --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import Optional
 
 import typer
 
+
 class Kind(str, enum.Enum):
     auto = "auto"
     comparisons = "comparisons"
     demonstrations = "demonstrations"
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The InstructGPT recipe as Prefect flows tracked in MLflow.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="The InstructGPT recipe as Prefect flows tracked in MLflow.")
+
 
 def _quiet_defaults() -> None:
     """Environment defaults for a local run: Prefect's temporary server gets time to start, no telemetry."""
@@ -43,7 +47,7 @@ def _load_config_or_exit(console, path: Path, profile: str | None = None, overri
     and exit code 2 instead of a traceback."""
     from pydantic import ValidationError
 
-    from flows.config import load_config
+    from rlhf_pipeline.flows.config import load_config
 
     try:
         return load_config(path, profile, overrides)
@@ -53,12 +57,13 @@ def _load_config_or_exit(console, path: Path, profile: str | None = None, overri
             console.print(f"[bold red]invalid configuration in {path}[/]: {problems}")
         else:
             console.print(f"[bold red]configuration error[/]: {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 @app.command()
 def run(
-    profile: str = typer.Option("demo", help="smoke (tiny model, minutes) | demo (SmolLM2-135M, <20 min on 2 CPU cores) | full (GPU worker)"),
+    profile: str = typer.Option("demo", help="smoke (tiny model, minutes) | demo (SmolLM2-135M, <20 min on 2 CPU cores) "
+                                             "| full (GPU worker)"),
     config: Path = typer.Option(Path("params.yaml"), help="parameter file (DVC's params.yaml)"),
     output_dir: Optional[Path] = typer.Option(None, help="where models and summary.json go (default runs/<profile>-<time>)"),
     set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
@@ -74,7 +79,7 @@ def run(
     out = output_dir or Path("runs") / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not out.is_absolute():
         out = project_dir / out
-    from flows.pipeline import rlhf_pipeline
+    from rlhf_pipeline.flows.pipeline import rlhf_pipeline
 
     console.print(f"[bold]rlhf-pipeline[/] profile={profile} model={cfg.model.base} output={out}")
     start = time.time()
@@ -85,37 +90,31 @@ def run(
 
 def _run_flow_or_exit(console, what: str, hint: str, flow_fn, **kwargs) -> dict:
     """Run a flow; a failed data gate exits 2 ("nothing registered"), any other error exits 1 naming it."""
-    from tasks.validate import ValidationFailed
+    from rlhf_pipeline.tasks.validate import ValidationFailed
 
     try:
         return flow_fn(**kwargs)
     except ValidationFailed as exc:
         console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except Exception as exc:
         console.print(f"[bold red]{what} failed:[/] {type(exc).__name__}: {exc}{hint}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
 
 
 def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     from rich.table import Table
 
+    from rlhf_pipeline.flows.stages import STAGE
+
     table = Table(title=f"rlhf-pipeline finished in {wall / 60:.1f} min (data version {summary['data'].get('version')})")
     table.add_column("stage")
     table.add_column("status")
     table.add_column("key figures")
-    keys = {
-        "validate": ("rows_demonstrations", "rows_comparisons", "rows_prompts", "dropped_rows"),
-        "sft": ("train_loss", "eval_loss"),
-        "reward": ("accuracy", "accuracy_ci", "accuracy_shorter_baseline", "judge_accuracy", "judge_accuracy_ci"),
-        "ppo": ("mean_reward_first", "mean_reward", "kl"),
-        "evaluate": ("win_rate_vs_sft", "win_rate_vs_sft_ci", "win_rate_vs_sft_judge", "win_rate_vs_sft_judge_ci",
-                     "mean_reward_policy", "mean_reward_sft", "kl_to_sft", "ppl_sft", "ppl_policy"),
-    }
     for stage, entry in summary["stages"].items():
         metrics = entry.get("metrics", {})
         figures = []
-        for key in keys.get(stage, ()):
+        for key in STAGE[stage].figures if stage in STAGE else ():
             value = metrics.get(key)
             if isinstance(value, list):
                 figures.append(f"{key}=[{value[0]:.3f}, {value[1]:.3f}]")
@@ -142,7 +141,8 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     uri = summary.get("tracking_uri", "")
     console.print(
         f"\nsummary: {out / 'summary.json'}\n"
-        f"MLflow:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}   (parent run {summary['mlflow_parent_run_id']})\n"
+        f"MLflow:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}   "
+        f"(parent run {summary['mlflow_parent_run_id']})\n"
         f"Prefect: flow run {summary['prefect_flow_run_id']} (temporary server unless PREFECT_API_URL is set; "
         "`prefect server start` keeps a dashboard)"
     )
@@ -155,8 +155,8 @@ def prepare(
 ) -> None:
     """Ingest the configured sources, run the GX gate and write the prepared datasets (the DVC `prepare` stage)."""
     _quiet_defaults()
-    from flows.pipeline import failure_file, prepare_data
-    from tasks.validate import ValidationFailed
+    from rlhf_pipeline.flows.dvc import failure_file, prepare_data
+    from rlhf_pipeline.tasks.validate import ValidationFailed
 
     console = _console()
     cfg = _load_config_or_exit(console, config)
@@ -168,7 +168,7 @@ def prepare(
         failure.parent.mkdir(parents=True, exist_ok=True)
         failure.write_text(str(exc))
         console.print(f"[bold red]data validation failed[/]\n{exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"prepared data version {result['version']}: {result['counts']}; "
                   f"{len(result['dropped'])} malformed rows dropped (report: {result['report_path']})")
 
@@ -182,10 +182,10 @@ def validate(
 ) -> None:
     """Run the Great Expectations gate alone; exits non-zero when it fails, naming the rows and rules."""
     _quiet_defaults()
-    from flows.config import SourceConfig
-    from flows.pipeline import token_counter
-    from tasks.data import COMPARISON_FORMATS, DataError, detect_format, read_rows
-    from tasks.validate import ValidationFailed, run_validate
+    from rlhf_pipeline.flows.dvc import token_counter
+    from rlhf_pipeline.tasks.formats import COMPARISON_FORMATS, detect_format
+    from rlhf_pipeline.tasks.readers import DataError, read_rows
+    from rlhf_pipeline.tasks.validate import SourceConfig, ValidationFailed, run_validate
 
     console = _console()
     cfg = _load_config_or_exit(console, config)
@@ -203,27 +203,28 @@ def validate(
                 _, first = next(iter(read_rows(data)))
             except StopIteration:
                 console.print(f"[bold red]{data} holds no rows[/]")
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
             except (DataError, ValueError) as exc:
                 console.print(f"[bold red]cannot read {data}: {exc}[/]")
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
             try:
                 kind = "comparisons" if detect_format(first) in COMPARISON_FORMATS else "demonstrations"
             except (DataError, ValueError) as exc:
                 console.print(f"[bold red]{data} row 1: {exc}[/]")
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
         source = SourceConfig(name=data.name, path=str(data.resolve()))
         other = "demonstrations" if kind == "comparisons" else "comparisons"
+        prompts_min = data_cfg.min_rows.get("prompts", 0) if kind == "comparisons" else 0
         data_cfg = data_cfg.model_copy(update={kind: [source], other: [],
-                                               "min_rows": {**data_cfg.min_rows, other: 0, "prompts": 0 if kind != "comparisons" else data_cfg.min_rows.get("prompts", 0)}})
+                                               "min_rows": {**data_cfg.min_rows, other: 0, "prompts": prompts_min}})
     try:
         result = run_validate(data_cfg, count_tokens=token_counter(cfg), strict=strict)
     except ValidationFailed as exc:
         console.print(f"[bold red]validation failed[/]\n{exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except DataError as exc:
         console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     console.print(f"[green]validation passed[/]: {result['counts']}")
     for row in result["dropped"]:
         console.print(f"  dropped {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']}")
@@ -241,7 +242,7 @@ def retrain(
     _quiet_defaults()
     console = _console()
     _load_config_or_exit(console, config, profile)
-    from flows.retrain import rlhf_retrain
+    from rlhf_pipeline.flows.retrain import rlhf_retrain
 
     start = time.time()
     result = _run_flow_or_exit(console, "retrain", "", rlhf_retrain, profile=profile,
@@ -269,18 +270,18 @@ def promote(
     if rollback == (version is not None):
         console.print("[bold red]give exactly one of --version N and --rollback[/]")
         raise typer.Exit(2)
-    from flows import tracking
-    from tasks import promotion
+    from rlhf_pipeline.flows import registry, tracking
+    from rlhf_pipeline.flows.locks import promotion_lock
 
     project = config.resolve().parent
     tracking.setup_mlflow(project, cfg.registry.experiment)
     names = (cfg.registry.policy_name, cfg.registry.reward_model_name)
     try:
-        with promotion.promotion_lock(project):
-            moves = promotion.rollback(*names) if rollback else promotion.promote_version(*names, version)
+        with promotion_lock(project):
+            moves = registry.rollback(*names) if rollback else registry.promote_version(*names, version)
     except LookupError as exc:
         console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if moves.get("unchanged"):
         console.print(f"{names[0]} version {version} is the champion already")
         return
@@ -301,16 +302,15 @@ def lineage(
     flow run; with --reproduce, re-run it and check the weights match."""
     _quiet_defaults()
     console = _console()
-    from flows import lineage as lineage_mod
-    from flows import tracking
-
-    from tasks.registry import parse_model_ref
+    from rlhf_pipeline.flows import lineage as lineage_mod
+    from rlhf_pipeline.flows import tracking
+    from rlhf_pipeline.flows.registry import parse_model_ref
 
     try:
         parse_model_ref(model)
     except ValueError as exc:
         console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     cfg = _load_config_or_exit(console, config)  # the project (and its MLflow store) is the folder of --config
     project = config.resolve().parent
     tracking.setup_mlflow(project, cfg.registry.experiment)
@@ -318,7 +318,7 @@ def lineage(
         chain = lineage_mod.model_lineage(model)
     except LookupError as exc:
         console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     for line in lineage_mod.format_lineage(chain):
         console.print(line, highlight=False)
     if not reproduce:
@@ -329,17 +329,13 @@ def lineage(
         report = lineage_mod.reproduce(chain, project, out)
     except Exception as exc:
         console.print(f"[bold red]reproduction failed:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     for warning in report["warnings"]:
         console.print(f"[yellow]warning[/]: {warning}")
     console.print(f"max |Δw| between the reproduced and the registered policy: {report['max_abs_diff']:.3g} over "
                   f"{report['tensors']} tensors → {'[green]reproduced[/]' if report['reproduced'] else '[red]differs[/]'}")
     if not report["reproduced"]:
         raise typer.Exit(1)
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
 
 
 if __name__ == "__main__":

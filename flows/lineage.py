@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlhf_pipeline.flows import registry
+
 LINEAGE_TAGS = ("rlhf.profile", "rlhf.base_model", "rlhf.data_version", "rlhf.git_commit", "rlhf.code_version",
                 "rlhf.params_hash", "rlhf.mlflow_parent_run_id", "rlhf.prefect_flow_run_id", "rlhf.reward_model_version",
                 "rlhf.sft_cache_key", "rlhf.reward_cache_key", "rlhf.ppo_cache_key")
@@ -32,9 +34,7 @@ def model_lineage(ref: str) -> dict:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from tasks.registry import parse_model_ref
-
-    name, which = parse_model_ref(ref)
+    name, which = registry.parse_model_ref(ref)
     client = MlflowClient()
     try:
         version = (client.get_model_version(name, which) if which.isdigit()
@@ -124,10 +124,10 @@ def reproduce(chain: dict, project: Path, output_dir: Path) -> dict:
     from mlflow import MlflowClient
     from safetensors.torch import load_file
 
-    from flows.caching import code_version
-    from flows.config import Config
-    from flows.pipeline import git_commit, rlhf_pipeline
-    from tasks.registry import download_model_dir
+    from rlhf_pipeline.flows.caching import code_version
+    from rlhf_pipeline.flows.config import Config
+    from rlhf_pipeline.flows.dvc import git_commit
+    from rlhf_pipeline.flows.pipeline import rlhf_pipeline
 
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +152,7 @@ def reproduce(chain: dict, project: Path, output_dir: Path) -> dict:
     if summary["data"].get("version") != tags.get("rlhf.data_version"):
         warnings.append(f"recorded data version {tags.get('rlhf.data_version')}, reproduced on "
                         f"{summary['data'].get('version')}")
-    registered = download_model_dir(chain["name"], str(chain["version"]), output_dir / "registered")
+    registered = registry.download_model_dir(chain["name"], str(chain["version"]), output_dir / "registered")
     if registered is None:
         raise LookupError(f"cannot download {chain['name']} version {chain['version']}")
     reproduced_dir = Path(summary["stages"]["ppo"]["paths"]["model"])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+from rlhf_pipeline.tasks.stage import numeric_metrics
 
 
 def tracking_uri(project_dir: str | Path = ".") -> str:
@@ -56,6 +56,27 @@ def start_parent_run(experiment_id: str, run_name: str, params: dict[str, str], 
     return run.info.run_id
 
 
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a user opens a run (markdown): the MLflow server's page, or the command that starts a UI on a local
+    store."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"[MLflow run `{run_id}`]({tracking_uri.rstrip('/')}/{page})"
+    return (f"MLflow run `{run_id}` (experiment {experiment_id}); open it with `mlflow ui --host 127.0.0.1 "
+            f"--backend-store-uri {tracking_uri}` then http://127.0.0.1:5000/{page}")
+
+
+def log_metrics_batch(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log ``metrics`` (numeric entries only) on ``run_id`` in one call."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
+    if batch:
+        MlflowClient().log_batch(run_id, metrics=batch)
+
+
 def _log_params(client, run_id: str, params: dict[str, str]) -> None:
     """Log params in batches of 100 (MLflow's limit per call), values cut to MLflow's 6000 characters."""
     from mlflow.entities import Param
@@ -73,7 +94,8 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 class MetricSink:
-    """A :class:`tasks.common.MetricLogger` writing to one MLflow run (buffers, flushes every ``flush_every`` calls)."""
+    """A :class:`rlhf_pipeline.tasks.stage.MetricLogger` writing to one MLflow run (buffers, flushes every
+    ``flush_every`` calls)."""
 
     def __init__(self, run_id: str, flush_every: int = 1):
         from mlflow import MlflowClient

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """A real Prefect server and a real MLflow server on this machine, without Docker (``make services``).
 
-    python infra/services.py start  [--prefect-port 4200] [--mlflow-port 5000] [--postgres auto|yes|no]
-    python infra/services.py status
-    python infra/services.py stop
-    python infra/services.py setup  [--api-url URL]     # work pools + the `gpu` concurrency limit, idempotent
+    python -m rlhf_pipeline.infra.services start  [--prefect-port 4200] [--mlflow-port 5000] [--postgres auto|yes|no]
+    python -m rlhf_pipeline.infra.services status
+    python -m rlhf_pipeline.infra.services stop
+    python -m rlhf_pipeline.infra.services setup  [--api-url URL]     # work pools + the `gpu` concurrency limit, idempotent
 
 Both servers are backed by PostgreSQL when one answers at ``$RLHF_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/postgres``, trust auth): the databases ``rlhf_prefect`` (with the ``pg_trgm``
@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-INFRA_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = INFRA_DIR.parent
+from rlhf_pipeline.flows.locks import GPU_LIMIT as GPU_LIMIT_NAME
+
+INFRA_DIR = Path(__file__).resolve().parent  # the templates beside this file (package data when installed)
+PROJECT_ROOT = Path.cwd()  # the project the servers serve: `make services` runs from the repository root
 STATE_DIR = PROJECT_ROOT / ".services"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PREFECT_DB = "rlhf_prefect"
@@ -48,7 +50,7 @@ WORK_POOLS: dict[str, tuple[str, Path | None]] = {
     "rlhf-docker": ("docker", INFRA_DIR / "docker-base-job-template.json"),
     "rlhf-kubernetes": ("kubernetes", INFRA_DIR / "k8s-base-job-template.json"),
 }
-GPU_LIMIT = ("gpu", 1)  # the global concurrency limit the training stages hold: one stage per GPU
+GPU_LIMIT = (GPU_LIMIT_NAME, 1)  # the global concurrency limit the training stages hold: one stage per GPU
 
 
 class ServiceError(RuntimeError):
@@ -592,7 +594,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="infra/services.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlhf_pipeline.infra.services", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=STATE_DIR, help="PIDs, logs, SQLite files (.services)")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start both servers in the background and wait until they answer")

@@ -5,7 +5,6 @@ and Hugging Face ids; device and dtype choice (bf16 on CUDA, fp32 on CPU).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import subprocess
@@ -51,15 +50,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-@contextlib.contextmanager
 def _file_lock(path: Path):
+    """An inter-process lock on ``path`` (``filelock``; the same mechanism guards promotions)."""
+    from filelock import FileLock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(str(path))
 
 
 def _find_smollm2_gguf(root: Path) -> Path:

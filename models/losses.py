@@ -7,6 +7,10 @@
 - :func:`gae` — generalised advantage estimation (Schulman et al. 2016, eq. 16).
 - :func:`ppo_policy_loss`, :func:`ppo_value_loss` — PPO's clipped surrogate and clipped value loss (Schulman et al. 2017,
   eq. 7 and 9; value clipping as in OpenAI's baselines and InstructGPT App. C.4).
+- :func:`lm_loss` — the next-token loss of PPO-ptx (§3.5 eq. 2) and of perplexity.
+
+The KL coefficient's controllers are in :mod:`rlhf_pipeline.models.kl_controller`, the EMA of the policy's weights in
+:mod:`rlhf_pipeline.models.ema`.
 
 All tensors are float; masks are 0/1 of the same shape as the values they mask. Everything here is pure torch so tests can
 check it against hand-computed values.
@@ -239,40 +243,6 @@ def ppo_value_loss(
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
     return loss, stats
-
-
-class AdaptiveKLController:
-    """The adaptive KL coefficient of Ziegler et al. 2019 (§2.2), used in InstructGPT-style PPO.
-
-    After each step with measured KL ``kl`` (nats per episode): ``e = clip(kl / target − 1, −0.2, 0.2)``,
-    ``β ← β · (1 + e · n_steps / horizon)``.
-
-    Args:
-        init_kl_coef: starting β.
-        target: the KL the controller steers towards.
-        horizon: how many episodes it takes to close most of the gap.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, kl: float, n_steps: int) -> float:
-        """Update β from the last batch's KL over ``n_steps`` episodes; returns the new β."""
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-
-class FixedKLController:
-    """A constant β (the paper's default, β = 0.02)."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, kl: float, n_steps: int) -> float:
-        return self.value
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

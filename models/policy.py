@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.reward_model import pad_sequences, position_ids_from_mask
+from rlhf_pipeline.models.tokens import pad_sequences, position_ids_from_mask
 
 
 @dataclass

@@ -18,61 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-def chat_prompt_ids(tokenizer, messages: list[dict], max_tokens: int | None = None) -> list[int]:
-    """Token ids of a chat prompt with the generation prompt (``<|im_start|>assistant\\n``) appended.
-
-    The template already starts with the BOS-like ``<|im_start|>``; no extra BOS is added. When the prompt is longer than
-    ``max_tokens`` its oldest tokens are dropped (left truncation keeps the latest turns).
-    """
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if max_tokens is not None and len(ids) > max_tokens:
-        ids = ids[-max_tokens:]
-    return ids
-
-
-def response_ids(tokenizer, response: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of a response text closed with the EOS token (truncated responses keep their EOS)."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[: max_tokens - 1]
-    return list(ids) + [tokenizer.eos_token_id]
-
-
-def encode_pair(tokenizer, messages: list[dict], response: str, max_length: int) -> list[int]:
-    """Prompt + response ids within ``max_length``: the response keeps up to half the budget, the prompt the rest."""
-    resp = response_ids(tokenizer, response, max_tokens=max(2, max_length // 2))
-    prompt = chat_prompt_ids(tokenizer, messages, max_tokens=max_length - len(resp))
-    return prompt + resp
-
-
-def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists to ``[B, T]`` ``input_ids`` and ``attention_mask`` (1 = real token), on the ``left`` or ``right``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if side == "right":
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        else:
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-    return ids, mask
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` index of the last position whose mask is 1 (works for left and right padding)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(dim=1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that start at 0 on each row's first real token (needed under left padding)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+from rlhf_pipeline.models.tokens import encode_pair, last_token_index, pad_sequences, position_ids_from_mask
 
 
 class ScalarHeadModel(nn.Module):

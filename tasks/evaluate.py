@@ -14,25 +14,39 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from flows.config import Config
-from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
-from models.policy import response_logprobs, sample_responses
-from models.losses import lm_loss
-from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences
-from tasks.common import MetricLogger, StageResult, batched, no_log, progress, seed_everything, wilson_interval
-from tasks.data import load_prepared
+from rlhf_pipeline.models.loading import (
+    assert_same_tokenizer,
+    default_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhf_pipeline.models.losses import lm_loss
+from rlhf_pipeline.models.policy import response_logprobs, sample_responses
+from rlhf_pipeline.models.reward_model import ScalarHeadModel
+from rlhf_pipeline.models.tokens import batched, chat_prompt_ids, pad_sequences
+from rlhf_pipeline.tasks.datasets import load_prepared
+from rlhf_pipeline.tasks.formats import last_user_turn
+from rlhf_pipeline.tasks.ppo import PPOConfig, pretraining_texts
+from rlhf_pipeline.tasks.progress import progress
+from rlhf_pipeline.tasks.report import plot_ppo_curves, write_html_report
+from rlhf_pipeline.tasks.stage import MetricLogger, ModelConfig, Section, StageDir, StageResult, no_log, seed_everything
+from rlhf_pipeline.tasks.statistics import win_rate
 
 
-def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> tuple[float, tuple[float, float]]:
-    """Fraction of prompts where ``challenger`` scores above ``baseline`` (ties count half), with a 95% Wilson interval.
+class EvaluateConfig(Section):
+    """Evaluation on held-out prompts."""
 
-    Args:
-        challenger, baseline: ``[N]`` scores on the same prompts.
-    """
-    wins = float((challenger > baseline).sum()) + 0.5 * float((challenger == baseline).sum())
-    n = int(challenger.numel())
-    return wins / max(n, 1), wilson_interval(wins, n)
+    num_prompts: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(8, ge=1)
+    temperature: float = 1.0  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
+    top_p: float = 1.0
+    ppl_texts: int = 32  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
+    ppl_max_tokens: int = 128
 
 
 @torch.no_grad()
@@ -66,14 +80,7 @@ def _judge_verdict(informative: bool, over: bool, accuracy_ci, baseline) -> str:
     return "The judge beats the baseline; its win rate is an independent check of the training RM's."
 
 
-def _last_user_turn(messages: list[dict]) -> str:
-    for message in reversed(messages):
-        if message["role"] == "user":
-            return message["content"]
-    return ""
-
-
-def held_out_queries(config: Config, prepared_dir: str | Path, tokenizer):
+def held_out_queries(cfg: EvaluateConfig, seed: int, prepared_dir: str | Path, tokenizer):
     """The evaluation prompts: ``evaluate.num_prompts`` test-split prompts drawn with the model seed (the same prompts
     for every run on the same data version), as ``(rows, messages, queries)`` where ``queries`` are chat-template token
     id lists cut to ``evaluate.max_prompt_tokens``.
@@ -81,18 +88,19 @@ def held_out_queries(config: Config, prepared_dir: str | Path, tokenizer):
     Raises:
         ValueError: when the prepared data holds no test prompts.
     """
-    cfg = config.evaluate
     prompts = load_prepared(prepared_dir, "prompts", split="test")
     if len(prompts) == 0:
         raise ValueError(f"no test prompts in {prepared_dir}")
-    prompts = prompts.sample(n=min(cfg.num_prompts, len(prompts)), random_state=config.model.seed).sort_index()
+    prompts = prompts.sample(n=min(cfg.num_prompts, len(prompts)), random_state=seed).sort_index()
     messages = [list(p) for p in prompts.prompt]
     queries = [chat_prompt_ids(tokenizer, m, cfg.max_prompt_tokens) for m in messages]
     return prompts, messages, queries
 
 
 def run_evaluate(
-    config: Config,
+    cfg: EvaluateConfig,
+    model_cfg: ModelConfig,
+    ppo_cfg: PPOConfig,
     prepared_dir: str | Path,
     sft_model_path: str | Path,
     policy_model_path: str | Path,
@@ -100,8 +108,8 @@ def run_evaluate(
     output_dir: str | Path,
     log: MetricLogger = no_log,
     judge_model_path: str | Path | None = None,
-    judge_accuracy_ci: list[float] | None = None,
-    shorter_baseline: float | None = None,
+    upstream_metrics: dict[str, dict] | None = None,
+    ppo_history: str | Path | None = None,
 ) -> StageResult:
     """Compare the PPO policy with the SFT policy on held-out prompts under the reward model, and under the judge RM
     when one is given (trained on comparisons the training RM never saw).
@@ -110,8 +118,23 @@ def run_evaluate(
     reply wins" baseline; over-optimisation is flagged when the training (proxy) RM prefers the PPO policy while the
     judge prefers SFT (Gao et al. 2022).
 
+    Args:
+        cfg: the ``evaluate`` section.
+        model_cfg: the ``model`` section (seed, device).
+        ppo_cfg: the ``ppo`` section (``ptx_source``: the held-out text of the alignment tax).
+        prepared_dir: folder with ``prompts.parquet`` (test prompts are used).
+        sft_model_path, policy_model_path: the two policies compared.
+        reward_model_path: the training (proxy) RM.
+        output_dir: where the samples, the report and the plot go.
+        log: unused (the evaluation has no steps); kept for the common stage signature.
+        judge_model_path: the judge RM, if any.
+        upstream_metrics: ``{stage: metrics}`` of the earlier stages: the report shows them, and the reward stage's
+            ``judge_accuracy_ci`` and ``accuracy_shorter_baseline`` decide whether the judge is informative.
+        ppo_history: PPO's ``history.json`` (the curves in the report and ``ppo_curves.png``).
+
     Returns:
-        StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards) and metrics
+        StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards), ``paths.report`` (the
+        HTML report), ``paths.ppo_curves`` (PNG, when there is a PPO history) and metrics
         ``win_rate_vs_sft``, ``win_rate_vs_sft_ci``, ``mean_reward_policy``, ``mean_reward_sft``, ``kl_to_sft``,
         ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``ppl_sft``, ``ppl_policy`` and
         ``alignment_tax_ppl`` (perplexity on held-out pretraining text, see :func:`perplexity`), with a judge
@@ -123,14 +146,16 @@ def run_evaluate(
         ValueError: when there are no test prompts or the models do not share a tokenizer.
     """
     start = time.time()
-    cfg = config.evaluate
+    upstream_metrics = upstream_metrics or {}
+    judge_accuracy_ci = upstream_metrics.get("reward", {}).get("judge_accuracy_ci")
+    shorter_baseline = upstream_metrics.get("reward", {}).get("accuracy_shorter_baseline")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.model.device)
+    device = resolve_device(model_cfg.device)
     dtype = default_dtype(device)
     tokenizer = load_tokenizer(policy_model_path)
     assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
-    prompts, messages, queries = held_out_queries(config, prepared_dir, tokenizer)
+    prompts, messages, queries = held_out_queries(cfg, model_cfg.seed, prepared_dir, tokenizer)
 
     sft = load_causal_lm(sft_model_path, device, dtype).eval()
     policy = load_causal_lm(policy_model_path, device, dtype).eval()
@@ -145,7 +170,7 @@ def run_evaluate(
     batches = batched(list(range(len(queries))), cfg.batch_size)
     with torch.no_grad(), progress("evaluate", 2 * len(batches)) as advance:
         for name, model in (("sft", sft), ("policy", policy)):
-            seed_everything(config.model.seed)  # both policies draw with the same random stream
+            seed_everything(model_cfg.seed)  # both policies draw with the same random stream
             for idx in batches:
                 rollout = sample_responses(
                     model, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p
@@ -191,23 +216,28 @@ def run_evaluate(
             over_optimisation=float(over),
             judge_verdict=_judge_verdict(informative, over, judge_accuracy_ci, shorter_baseline),
         )
-    from tasks.ppo import pretraining_texts
-
-    texts = pretraining_texts(config, prepared_dir, split="test")[: cfg.ppl_texts]
+    texts = pretraining_texts(ppo_cfg.ptx_source, prepared_dir, split="test")[: cfg.ppl_texts]
     if texts:
         ppl_sft = perplexity(sft, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
         ppl_policy = perplexity(policy, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
         metrics.update(ppl_sft=ppl_sft, ppl_policy=ppl_policy, alignment_tax_ppl=ppl_policy - ppl_sft)
-    samples_path = output_dir / "samples.jsonl"
-    with open(samples_path, "w") as fh:
-        for i, row in enumerate(prompts.itertuples()):
-            fh.write(json.dumps({
-                "id": row.id,
-                "prompt": _last_user_turn(messages[i]),
-                "sft_response": results["sft"]["texts"][i],
-                "policy_response": results["policy"]["texts"][i],
-                "sft_reward": float(s_sft[i]),
-                "policy_reward": float(s_pol[i]),
-            }) + "\n")
+    layout = StageDir(output_dir)
+    samples = [{
+        "id": row.id,
+        "prompt": last_user_turn(messages[i]),
+        "sft_response": results["sft"]["texts"][i],
+        "policy_response": results["policy"]["texts"][i],
+        "sft_reward": float(s_sft[i]),
+        "policy_reward": float(s_pol[i]),
+    } for i, row in enumerate(prompts.itertuples())]
+    with open(layout.samples, "w") as fh:
+        for sample in samples:
+            fh.write(json.dumps(sample) + "\n")
     metrics["wall_s"] = time.time() - start
-    return StageResult("evaluate", paths={"samples": str(samples_path)}, metrics=metrics)
+    paths = {"samples": str(layout.samples)}
+    history = json.loads(Path(ppo_history).read_text()) if ppo_history and Path(ppo_history).exists() else []
+    if history:
+        paths["ppo_curves"] = str(plot_ppo_curves(history, layout.ppo_curves))
+    report = write_html_report(layout.report, {**upstream_metrics, "evaluate": metrics}, history, samples)
+    paths["report"] = str(report)
+    return StageResult("evaluate", paths=paths, metrics=metrics)

@@ -8,12 +8,12 @@ One PPO step, in the order a reader expects (CleanRL-style, one function per pha
    the policy (in fp32 read from the logits ``generate`` computed while sampling, else a policy forward) and the frozen
    reference (SFT) model; values from the value model (initialised from the RM).
 3. **Rewards**: ``r_t = −β·(log π(a_t) − log π_ref(a_t))`` per token, plus the RM score on the last token
-   (:func:`models.losses.per_token_kl_rewards`); a response cut by the length limit optionally gets a penalty instead of
-   its score.
-4. **Advantages**: GAE with γ = 1 (:func:`models.losses.gae`), whitened over the batch.
+   (:func:`rlhf_pipeline.models.losses.per_token_kl_rewards`); a response cut by the length limit optionally gets a
+   penalty instead of its score.
+4. **Advantages**: GAE with γ = 1 (:func:`rlhf_pipeline.models.losses.gae`), whitened over the batch.
 5. **Update**: ``ppo_epochs`` passes over shuffled minibatches with the clipped policy loss and the clipped value loss
-   (:func:`models.losses.ppo_policy_loss`, :func:`models.losses.ppo_value_loss`); each minibatch drops the columns that
-   are padding in all its rows (:func:`trim_padding`).
+   (:func:`rlhf_pipeline.models.losses.ppo_policy_loss`, :func:`rlhf_pipeline.models.losses.ppo_value_loss`); each
+   minibatch drops the columns that are padding in all its rows (:func:`trim_padding`).
 
 Policy and value model are separate networks with their own optimisers, as in the paper (a 6B value function for the
 175B policy). Runs on CUDA in bf16 and on CPU in fp32.
@@ -26,12 +26,18 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field, model_validator
 
-from flows.config import Config, PPOConfig
-from models.loading import assert_same_tokenizer, default_dtype, load_causal_lm, load_tokenizer, resolve_device
-from models.losses import (
-    AdaptiveKLController,
-    FixedKLController,
+from rlhf_pipeline.models.ema import EMA
+from rlhf_pipeline.models.kl_controller import AdaptiveKLController, FixedKLController
+from rlhf_pipeline.models.loading import (
+    assert_same_tokenizer,
+    default_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhf_pipeline.models.losses import (
     gae,
     lm_loss,
     masked_mean,
@@ -41,13 +47,65 @@ from models.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from models.policy import Rollout, response_logprobs, sample_responses
-from models.reward_model import ScalarHeadModel, chat_prompt_ids, pad_sequences
-from tasks.common import (
-    MetricLogger, StageResult, latest_step_checkpoint, no_log, progress, rng_state, save_step_checkpoint,
-    seed_everything, set_rng_state,
+from rlhf_pipeline.models.policy import Rollout, response_logprobs, sample_responses
+from rlhf_pipeline.models.reward_model import ScalarHeadModel
+from rlhf_pipeline.models.tokens import chat_prompt_ids, pad_sequences
+from rlhf_pipeline.tasks.checkpoints import latest_step_checkpoint, rng_state, save_step_checkpoint, set_rng_state
+from rlhf_pipeline.tasks.datasets import load_prepared
+from rlhf_pipeline.tasks.formats import transcript
+from rlhf_pipeline.tasks.progress import progress
+from rlhf_pipeline.tasks.stage import (
+    MetricLogger,
+    ModelConfig,
+    Section,
+    StageDir,
+    StageResult,
+    no_log,
+    section_hash,
+    seed_everything,
 )
-from tasks.data import load_prepared
+
+
+class PPOConfig(Section):
+    """PPO against the reward model with a per-token KL penalty (InstructGPT §3.5, App. C.4)."""
+
+    steps: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)  # episodes per rollout
+    mini_batch_size: int = Field(4, ge=1)
+    ppo_epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    value_learning_rate: float = Field(1e-5, gt=0)
+    kl_coef: float = Field(0.02, ge=0)  # beta
+    # adaptive KL controller (Ziegler et al. 2019 §2.2): beta follows the measured KL towards kl_target
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_prompt_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    whiten_advantages: bool = True
+    missing_eos_penalty: float | None = None
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None  # EMA of the policy's weights (paper: 0.992); the EMA weights are saved
+    # PPO-ptx (InstructGPT eq. 2): + ptx_coef * E_pretrain[log pi(x)]; 0 turns it off (paper: 27.8)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 2
+    ptx_max_tokens: int = 128
+    ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints in output_dir/ppo/checkpoints (0: none)
+
+    @model_validator(mode="after")
+    def _check_minibatches(self) -> "PPOConfig":
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
+        return self
 
 
 @torch.no_grad()
@@ -57,8 +115,8 @@ def score_rollout(
     """Phase 2 and 3: everything the update needs, computed once without gradients.
 
     The policy's log-probabilities come from the rollout when it carries them (``Rollout.logprobs``: read from the
-    logits ``generate`` computed while sampling, see :func:`models.policy.sample_responses`), else from a policy forward
-    here. ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]``
+    logits ``generate`` computed while sampling, see :func:`rlhf_pipeline.models.policy.sample_responses`), else from a
+    policy forward here. ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]``
     tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and ``[B]`` tensors ``scores``
     (RM score, before any penalty).
     """
@@ -174,21 +232,20 @@ def ppo_update(
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def pretraining_texts(config: Config, prepared_dir: str | Path, split: str = "train") -> list[str]:
-    """Texts for PPO-ptx (``split="train"``) and the alignment-tax perplexity (``split="test"``): the chosen dialogues
-    of the comparisons (``ppo.ptx_source: comparisons``), the demonstrations (``demonstrations``), or the lines /
-    JSON-lines ``text`` fields of a file (all of it, whatever the split).
+def pretraining_texts(source: str, prepared_dir: str | Path, split: str = "train") -> list[str]:
+    """Texts for PPO-ptx (``split="train"``) and the alignment-tax perplexity (``split="test"``) from ``source`` (the
+    ``ppo.ptx_source`` setting): the chosen dialogues of the comparisons (``comparisons``), the demonstrations
+    (``demonstrations``), or the lines / JSON-lines ``text`` fields of a file (all of it, whatever the split).
 
     Raises:
         FileNotFoundError: when ``ptx_source`` is neither a known name nor an existing file.
     """
-    source = config.ppo.ptx_source
     if source == "comparisons":
         frame = load_prepared(prepared_dir, "comparisons", split=split)
-        return [_dialogue_text(list(r.prompt), r.responses[0]) for r in frame.itertuples()]
+        return [transcript(list(r.prompt), r.responses[0]) for r in frame.itertuples()]
     if source == "demonstrations":
         frame = load_prepared(prepared_dir, "demonstrations", split=split)
-        return [_dialogue_text(list(r.prompt), r.response) for r in frame.itertuples()]
+        return [transcript(list(r.prompt), r.response) for r in frame.itertuples()]
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"ppo.ptx_source: no such file {path} (or use 'comparisons' / 'demonstrations')")
@@ -198,40 +255,16 @@ def pretraining_texts(config: Config, prepared_dir: str | Path, split: str = "tr
     return lines
 
 
-def _dialogue_text(messages: list[dict], reply: str) -> str:
-    turns = [f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages if m["role"] != "system"]
-    return "\n\n".join(turns + [f"Assistant: {reply}"])
-
-
 def pretraining_batches(texts: list[str], tokenizer, batch_size: int, max_tokens: int, generator: torch.Generator,
                         device: torch.device):
     """An endless iterator of ``(input_ids [B, T], attention_mask [B, T])`` over shuffled ``texts`` (right-padded)."""
     while True:
         order = torch.randperm(len(texts), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens] for i in order[start : start + batch_size]]
+            ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens]
+                   for i in order[start : start + batch_size]]
             input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
             yield input_ids.to(device), mask.to(device)
-
-
-class EMA:
-    """Exponential moving average of a model's weights (InstructGPT App. C.4: decay 0.992); ``copy_to`` writes it back."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for key, value in model.state_dict().items():
-            if key in self.shadow:
-                self.shadow[key].mul_(self.decay).add_(value.detach(), alpha=1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
-        state = model.state_dict()
-        for key, value in self.shadow.items():
-            state[key].copy_(value)
 
 
 class _Counting:
@@ -250,25 +283,23 @@ class _Counting:
         return next(self.iterator)
 
 
-CHECKPOINT_DIR = "checkpoints"
-
-
 def save_checkpoint(output_dir: Path, step: int, policy, value_model, state: dict, keep: int = 1) -> Path:
-    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically (:func:`tasks.common.save_step_checkpoint`): policy
-    and value model (safetensors), optimisers, RNG states, data position, KL coefficient, EMA weights and the step
-    history. Older checkpoints beyond the last ``keep`` are removed."""
+    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically
+    (:func:`rlhf_pipeline.tasks.checkpoints.save_step_checkpoint`): policy and value model (safetensors), optimisers,
+    RNG states, data position, KL coefficient, EMA weights and the step history. Older checkpoints beyond the last
+    ``keep`` are removed."""
 
     def write(folder: Path) -> None:
         policy.save_pretrained(folder / "policy", safe_serialization=True)
         value_model.save_pretrained(folder / "value")
 
-    return save_step_checkpoint(output_dir / CHECKPOINT_DIR, step, write, state, keep)
+    return save_step_checkpoint(StageDir(output_dir).checkpoints, step, write, state, keep)
 
 
 def latest_checkpoint(output_dir: Path, config_hash: str) -> tuple[Path, dict] | None:
     """The newest complete checkpoint of this configuration in ``output_dir`` and its loaded state (``None`` if there
     is none)."""
-    return latest_step_checkpoint(output_dir / CHECKPOINT_DIR, config_hash)
+    return latest_step_checkpoint(StageDir(output_dir).checkpoints, config_hash)
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
@@ -287,7 +318,8 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 def run_ppo(
-    config: Config,
+    cfg: PPOConfig,
+    model_cfg: ModelConfig,
     prepared_dir: str | Path,
     sft_model_path: str | Path,
     reward_model_path: str | Path,
@@ -297,7 +329,8 @@ def run_ppo(
     """Train the policy with PPO from the SFT model against the reward model; save it to ``output_dir/model``.
 
     Args:
-        config: ``config.ppo`` and ``config.model``.
+        cfg: the ``ppo`` section.
+        model_cfg: the ``model`` section (seed, device).
         prepared_dir: folder with ``prompts.parquet`` (train prompts are used).
         sft_model_path: initialises the policy and the frozen reference model.
         reward_model_path: the RM (frozen) and the value model's initialisation.
@@ -318,10 +351,10 @@ def run_ppo(
         ValueError: when policy and reward model do not share a tokenizer, or there are no train prompts.
     """
     start = time.time()
-    cfg = config.ppo
     output_dir = Path(output_dir)
-    seed_everything(config.model.seed)
-    device = resolve_device(config.model.device)
+    seed = model_cfg.seed
+    seed_everything(seed)
+    device = resolve_device(model_cfg.device)
     dtype = default_dtype(device)
 
     tokenizer = load_tokenizer(sft_model_path)
@@ -332,7 +365,7 @@ def run_ppo(
     queries = [chat_prompt_ids(tokenizer, list(p), cfg.max_prompt_tokens) for p in prompts.prompt]
 
     # a checkpoint of the same configuration and inputs in output_dir is resumed (ppo.checkpoint_every > 0)
-    config_hash = f"{config.section_hash('ppo')}:{config.model.seed}:{sft_model_path}:{reward_model_path}"
+    config_hash = f"{section_hash(cfg)}:{seed}:{sft_model_path}:{reward_model_path}"
     found = latest_checkpoint(output_dir, config_hash) if cfg.checkpoint_every > 0 else None
     resume, state = found if found else (None, None)
     policy = load_causal_lm(resume / "policy" if resume else sft_model_path, device, dtype)
@@ -350,7 +383,7 @@ def run_ppo(
     # 2.5e-6); in bf16 (CUDA) they round differently by far more, which would show up as spurious KL to the
     # reference and ratios != 1 at step 1, so there the separate forward stays
     logprobs_from_generate = dtype == torch.float32
-    generator = torch.Generator().manual_seed(config.model.seed)
+    generator = torch.Generator().manual_seed(seed)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
@@ -370,9 +403,9 @@ def run_ppo(
             log(figures, step)
     ptx_batches = None
     if cfg.ptx_coef > 0:
-        ptx_batches = _Counting(pretraining_batches(pretraining_texts(config, prepared_dir), tokenizer,
+        ptx_batches = _Counting(pretraining_batches(pretraining_texts(cfg.ptx_source, prepared_dir), tokenizer,
                                                     cfg.ptx_batch_size, cfg.ptx_max_tokens,
-                                                    torch.Generator().manual_seed(config.model.seed + 1), device),
+                                                    torch.Generator().manual_seed(seed + 1), device),
                                 skip=state["ptx_drawn"] if state else 0)
     with progress("PPO", cfg.steps) as advance:
         if first_step > 1:
@@ -425,9 +458,10 @@ def run_ppo(
 
     if ema is not None:
         ema.copy_to(policy)
-    model_dir = output_dir / "model"
-    (output_dir / "history.json").parent.mkdir(parents=True, exist_ok=True)
-    (output_dir / "history.json").write_text(json.dumps(history, indent=1))
+    layout = StageDir(output_dir)
+    model_dir = layout.model
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.history.write_text(json.dumps(history, indent=1))
     policy.to(torch.float32).save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     last, first = history[-1], history[0]
@@ -444,5 +478,5 @@ def run_ppo(
         "resumed_from_step": float(first_step - 1),
         "wall_s": time.time() - start,
     }
-    return StageResult("ppo", paths={"model": str(model_dir), "history": str(output_dir / "history.json")},
+    return StageResult("ppo", paths={"model": str(model_dir), "history": str(layout.history)},
                        metrics=metrics)

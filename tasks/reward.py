@@ -23,18 +23,52 @@ import copy
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from flows.config import Config
-from models.loading import default_dtype, load_tokenizer, resolve_device
-from models.losses import ranking_accuracy, ranking_loss
-from models.reward_model import ScalarHeadModel, encode_pair, pad_sequences, score_texts
-from tasks.common import (
-    MetricLogger, StageResult, latest_step_checkpoint, no_log, progress, rng_state, save_step_checkpoint,
-    seed_everything, set_rng_state, wilson_interval,
+from rlhf_pipeline.models.loading import default_dtype, load_tokenizer, resolve_device
+from rlhf_pipeline.models.losses import ranking_accuracy, ranking_loss
+from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
+from rlhf_pipeline.models.tokens import encode_pair, pad_sequences
+from rlhf_pipeline.tasks.checkpoints import latest_step_checkpoint, rng_state, save_step_checkpoint, set_rng_state
+from rlhf_pipeline.tasks.datasets import load_prepared
+from rlhf_pipeline.tasks.progress import progress
+from rlhf_pipeline.tasks.stage import (
+    MetricLogger,
+    ModelConfig,
+    Section,
+    StageDir,
+    StageResult,
+    no_log,
+    section_hash,
+    seed_everything,
 )
-from tasks.data import load_prepared
+from rlhf_pipeline.tasks.statistics import wilson_interval
+
+
+class RewardConfig(Section):
+    """Reward model training (InstructGPT §3.5, App. C.2)."""
+
+    mode: Literal["head", "top_layers", "full"] = "head"
+    top_layers: int = 6
+    max_train_pairs: int | None = Field(300, ge=1)
+    max_eval_pairs: int | None = Field(300, ge=1)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    # ridge strengths tried by 5-fold cross-validation in the head-only mode (logistic regression on frozen features)
+    head_l2_candidates: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
+    max_length: int = 384
+    normalize: bool = True
+    # the judge RM: trained like the RM on a split the RM never sees; evaluation's "gold" reward
+    judge: bool = True
+    judge_split: str = "validation"
+    max_judge_pairs: int | None = 300
+    # steps between resumable checkpoints of the fine-tuning modes (full, top_layers) in
+    # output_dir/reward/checkpoints/{model,judge}/step-N (0: none); a rerun with the same output_dir resumes
+    checkpoint_every: int = Field(0, ge=0)
 
 
 def shorter_wins_accuracy(responses: list[list[str]]) -> float:
@@ -118,11 +152,8 @@ def choose_head_l2(
     return best, scores
 
 
-CHECKPOINT_DIR = "checkpoints"
-
-
 def save_reward_checkpoint(root: Path, step: int, model: ScalarHeadModel, state: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically (:func:`tasks.common.save_step_checkpoint`): the model's weights
+    """Write ``root/step-NNNNNN`` atomically (:func:`rlhf_pipeline.tasks.checkpoints.save_step_checkpoint`): the model's weights
     (``model.safetensors``) and ``state.pt`` (optimizer, scheduler, RNG states, the permutation generator, epoch and
     position in the epoch's permutation, per-step history, configuration hash). Only the newest ``keep`` are kept."""
     from safetensors.torch import save_model
@@ -138,7 +169,7 @@ def latest_reward_checkpoint(root: Path, config_hash: str) -> tuple[Path, dict] 
 
 
 def _train_finetune(
-    model: ScalarHeadModel, tokenizer, train, config: Config, log: MetricLogger,
+    model: ScalarHeadModel, tokenizer, train, cfg: RewardConfig, seed: int, log: MetricLogger,
     checkpoint_root: Path | None = None, config_hash: str = "",
 ) -> dict[str, float]:
     """Fine-tune (all or the top layers) with the ranking loss; one batch element = all K responses of one prompt.
@@ -153,7 +184,6 @@ def _train_finetune(
         ``train_loss`` and ``train_accuracy`` (means over all steps), ``steps`` and ``resumed_from_step`` (0 when
         fresh).
     """
-    cfg = config.reward
     if cfg.mode == "top_layers":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -171,7 +201,7 @@ def _train_finetune(
     total = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.model.seed)
+    generator = torch.Generator().manual_seed(seed)
     checkpoints = checkpoint_root is not None and cfg.checkpoint_every > 0
     config_hash = f"{config_hash}:{len(rows)}"
     history: list[dict[str, float]] = []
@@ -270,10 +300,10 @@ def _head_scores(model: ScalarHeadModel, feats: torch.Tensor) -> torch.Tensor:
     return head(feats.to(head.weight.dtype).to(head.weight.device)).squeeze(-1).float().cpu() + float(model.bias)
 
 
-def _fit_head(model: ScalarHeadModel, feats: torch.Tensor, frame, config: Config) -> dict[str, float]:
+def _fit_head(model: ScalarHeadModel, feats: torch.Tensor, frame, cfg: RewardConfig, seed: int) -> dict[str, float]:
     """Head-only mode: fit the linear head on frozen features (ridge chosen by cross-validation)."""
     chosen, rejected = _ranked_pairs(_per_row(feats, frame))
-    l2, cv = choose_head_l2(chosen, rejected, config.reward.head_l2_candidates, seed=config.model.seed)
+    l2, cv = choose_head_l2(chosen, rejected, cfg.head_l2_candidates, seed=seed)
     weight = fit_linear_head(chosen, rejected, l2)
     with torch.no_grad():
         model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
@@ -294,7 +324,8 @@ def _held_out_metrics(scores: torch.Tensor, frame, prefix: str = "") -> dict[str
 
 
 def run_reward(
-    config: Config,
+    cfg: RewardConfig,
+    model_cfg: ModelConfig,
     prepared_dir: str | Path,
     sft_model_path: str | Path,
     output_dir: str | Path,
@@ -308,7 +339,8 @@ def run_reward(
     read the same frozen SFT features, so the held-out pairs are encoded once.
 
     Args:
-        config: ``config.reward`` and ``config.model``.
+        cfg: the ``reward`` section.
+        model_cfg: the ``model`` section (seed, device).
         prepared_dir: folder with ``comparisons.parquet`` and ``demonstrations.parquet``.
         sft_model_path: the SFT model folder.
         output_dir: the RM is saved to ``output_dir/model``, the judge to ``output_dir/judge``; checkpoints of the
@@ -328,11 +360,10 @@ def run_reward(
         ValueError: when there are no train or no held-out comparisons (or no judge comparisons with a judge).
     """
     start = time.time()
-    cfg = config.reward
     output_dir = Path(output_dir)
-    seed_everything(config.model.seed)
-    device = resolve_device(config.model.device)
-    seed = config.model.seed
+    seed = model_cfg.seed
+    seed_everything(seed)
+    device = resolve_device(model_cfg.device)
     train = _select(load_prepared(prepared_dir, "comparisons", split="train"), cfg.max_train_pairs, seed)
     held_out = _select(load_prepared(prepared_dir, "comparisons", split="test"), cfg.max_eval_pairs, seed)
     if len(train) == 0 or len(held_out) == 0:
@@ -364,11 +395,12 @@ def run_reward(
 
     if cfg.mode == "head":
         with torch.no_grad():
-            metrics.update(_fit_head(model, encode(*_flat(train), "RM features (train)"), train, config))
+            metrics.update(_fit_head(model, encode(*_flat(train), "RM features (train)"), train, cfg, seed))
             log({"reward/loss": metrics["train_loss"], "reward/accuracy": metrics["train_accuracy"]}, 1)
             if judge_train is not None:
                 judge = copy.deepcopy(model)
-                judge_fit = _fit_head(judge, encode(*_flat(judge_train), "judge features (judge split)"), judge_train, config)
+                judge_fit = _fit_head(judge, encode(*_flat(judge_train), "judge features (judge split)"), judge_train, cfg,
+                                     seed)
                 metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k != "steps"})
                 models["judge_"] = judge
             held_feats = encode(*_flat(held_out), "RM features (held-out)")
@@ -379,14 +411,15 @@ def run_reward(
                     m.bias.fill_(float(m.bias) - float(_head_scores(m, demo_feats).mean()))
                 metrics.update(_held_out_metrics(_head_scores(m, held_feats), held_out, prefix))
     else:
-        config_hash = f"{config.section_hash('reward')}:{seed}:{sft_model_path}"
-        metrics.update(_train_finetune(model, tokenizer, train, config, log, output_dir / CHECKPOINT_DIR / "model",
+        config_hash = f"{section_hash(cfg)}:{seed}:{sft_model_path}"
+        checkpoints = StageDir(output_dir).checkpoints
+        metrics.update(_train_finetune(model, tokenizer, train, cfg, seed, log, checkpoints / "model",
                                        f"{config_hash}:model"))
         if judge_train is not None:
             judge = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
             models["judge_"] = judge
-            judge_fit = _train_finetune(judge, tokenizer, judge_train, config, no_log,
-                                        output_dir / CHECKPOINT_DIR / "judge", f"{config_hash}:judge")
+            judge_fit = _train_finetune(judge, tokenizer, judge_train, cfg, seed, no_log, checkpoints / "judge",
+                                        f"{config_hash}:judge")
             metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k not in ("steps", "resumed_from_step")})
         with torch.no_grad():
             for prefix, m in models.items():
@@ -403,10 +436,11 @@ def run_reward(
     log({"reward/eval_accuracy": metrics["accuracy"]}, int(metrics.get("steps", 1)))
 
     paths = {}
-    for prefix, name in (("", "model"), ("judge_", "judge")):
+    layout = StageDir(output_dir)
+    for prefix, name, folder in (("", "model", layout.model), ("judge_", "judge", layout.judge)):
         if prefix in models:
-            models[prefix].to(torch.float32).save_pretrained(output_dir / name)
-            tokenizer.save_pretrained(output_dir / name)
-            paths[name] = str(output_dir / name)
+            models[prefix].to(torch.float32).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            paths[name] = str(folder)
     metrics["wall_s"] = time.time() - start
     return StageResult("reward", paths=paths, metrics=metrics)

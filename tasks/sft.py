@@ -25,11 +25,55 @@ import time
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from flows.config import Config
-from models.loading import default_dtype, load_causal_lm, load_tokenizer, resolve_device
-from tasks.common import MetricLogger, StageResult, no_log, seed_everything
-from tasks.data import load_prepared
+from rlhf_pipeline.models.loading import (
+    assert_same_tokenizer,
+    default_dtype,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+)
+from rlhf_pipeline.models.policy import sample_responses
+from rlhf_pipeline.models.reward_model import ScalarHeadModel
+from rlhf_pipeline.models.tokens import chat_prompt_ids
+from rlhf_pipeline.tasks.datasets import load_prepared
+from rlhf_pipeline.tasks.stage import (
+    MetricLogger,
+    ModelConfig,
+    Section,
+    StageDir,
+    StageResult,
+    no_log,
+    numeric_metrics,
+    section_hash,
+    seed_everything,
+)
+
+
+class SFTConfig(Section):
+    """Supervised fine-tuning (InstructGPT App. C.1)."""
+
+    max_examples: int | None = Field(None, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak LR
+    max_length: int = 256
+    eval_examples: int | None = 16
+    logging_steps: int = 1
+    # checkpoint selection (App. C.1): by mean RM score on validation prompts when this reward model is available
+    # ("champion" = the registry's champion RM, a folder, or null), else by validation loss
+    selection_reward_model: str | None = "champion"
+    selection_prompts: int = 16
+    # the greedy responses scored for the selection: prompt tokens kept (from the left) and new tokens generated
+    selection_max_prompt_tokens: int = Field(128, ge=1)
+    selection_max_new_tokens: int = Field(32, ge=1)
+    # optimizer steps between resumable checkpoints in output_dir/sft/trainer/checkpoint-N (0: none); a rerun with the
+    # same configuration and output_dir resumes from the newest (model, optimizer, scheduler, RNG, data position and
+    # the checkpoint selector's best epoch)
+    checkpoint_every: int = Field(0, ge=0)
 
 
 def to_conversations(frame) -> list[dict]:
@@ -43,23 +87,22 @@ def to_conversations(frame) -> list[dict]:
     ]
 
 
-def sft_training_args(config: Config, output_dir: Path, device: torch.device, has_eval: bool = True):
+def sft_training_args(cfg: SFTConfig, seed: int, output_dir: Path, device: torch.device):
     """The ``trl.SFTConfig`` of a run: bf16 and gradient checkpointing only on CUDA (both make CPU training ~16x slower);
     a checkpoint in ``output_dir/trainer/checkpoint-N`` every ``sft.checkpoint_every`` optimizer steps and after the
     last one (the last two are kept) when that is > 0.
 
-    ``eval_strategy`` is ``"no"`` even with validation data (``has_eval``, kept for callers): :func:`run_sft` evaluates
+    ``eval_strategy`` is ``"no"`` even with validation data: :func:`run_sft` evaluates
     at every epoch's last step itself, before that step's checkpoint is written, so a checkpoint taken at an epoch
     boundary already holds that epoch's evaluation (the Trainer's ``"epoch"`` strategy evaluates after the save, and a
     run resumed from such a checkpoint would never evaluate that epoch).
     """
     from trl import SFTConfig
 
-    cfg = config.sft
     on_cuda = device.type == "cuda"
     checkpoints = cfg.checkpoint_every > 0
     return SFTConfig(
-        output_dir=str(output_dir / "trainer"),
+        output_dir=str(StageDir(output_dir).trainer),
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -80,8 +123,8 @@ def sft_training_args(config: Config, output_dir: Path, device: torch.device, ha
         save_total_limit=2 if checkpoints else None,
         eval_strategy="no",
         report_to="none",
-        seed=config.model.seed,
-        data_seed=config.model.seed,
+        seed=seed,
+        data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -91,9 +134,6 @@ def sft_training_args(config: Config, output_dir: Path, device: torch.device, ha
 def mean_reward_of_greedy_responses(model, tokenizer, reward_model, prompts: list[list[dict]], max_prompt_tokens: int,
                                     max_new_tokens: int, batch_size: int = 8) -> float:
     """Mean RM score of the model's greedy responses to ``prompts`` (the SFT selection criterion of App. C.1)."""
-    from models.policy import sample_responses
-    from models.reward_model import chat_prompt_ids
-
     was_training = model.training
     model.eval()
     scores = []
@@ -222,12 +262,12 @@ def _mean_train_loss(log_history: list[dict]) -> float:
 
 def _train_log_figures(logs: dict) -> dict[str, float]:
     """The ``sft/*`` figures of one Trainer log entry (numbers only, without its epoch and step)."""
-    return {f"sft/{k}": float(v) for k, v in logs.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step")}
+    return {f"sft/{k}": v for k, v in numeric_metrics(logs).items() if k not in ("epoch", "step")}
 
 
 def run_sft(
-    config: Config,
+    cfg: SFTConfig,
+    model_cfg: ModelConfig,
     prepared_dir: str | Path,
     base_model_path: str | Path,
     output_dir: str | Path,
@@ -237,7 +277,8 @@ def run_sft(
     """Fine-tune the base model on the train demonstrations; save it (safetensors + tokenizer) to ``output_dir/model``.
 
     Args:
-        config: the run's configuration (``config.sft`` and ``config.model``).
+        cfg: the ``sft`` section.
+        model_cfg: the ``model`` section (seed, device).
         prepared_dir: folder of the canonical datasets (``demonstrations.parquet``).
         base_model_path: transformers folder or id of the base model.
         output_dir: where the stage writes.
@@ -265,15 +306,15 @@ def run_sft(
     from trl import SFTTrainer
 
     start = time.time()
-    cfg = config.sft
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config.model.seed)
-    device = resolve_device(config.model.device)
+    seed = model_cfg.seed
+    seed_everything(seed)
+    device = resolve_device(model_cfg.device)
 
     train = load_prepared(prepared_dir, "demonstrations", split="train")
     if cfg.max_examples is not None:
-        train = train.sample(n=min(cfg.max_examples, len(train)), random_state=config.model.seed)
+        train = train.sample(n=min(cfg.max_examples, len(train)), random_state=seed)
     if len(train) == 0:
         raise ValueError(f"no train demonstrations in {prepared_dir}")
     evaluation = load_prepared(prepared_dir, "demonstrations", split="validation")
@@ -284,9 +325,9 @@ def run_sft(
     has_eval = len(evaluation) > 0
 
     # a complete checkpoint of the same configuration and inputs in output_dir is resumed (sft.checkpoint_every > 0)
-    config_hash = (f"{config.section_hash('sft')}:{config.model.seed}:{base_model_path}:{selection_reward_model}:"
-                   f"{config.ppo.max_prompt_tokens}:{config.ppo.max_new_tokens}:{len(train)}:{len(evaluation)}")
-    trainer_dir = output_dir / "trainer"
+    config_hash = (f"{section_hash(cfg)}:{seed}:{base_model_path}:{selection_reward_model}:{len(train)}:"
+                   f"{len(evaluation)}")
+    trainer_dir = StageDir(output_dir).trainer
     resume = latest_sft_checkpoint(trainer_dir, config_hash) if cfg.checkpoint_every > 0 else None
     resume_state = json.loads((resume / "trainer_state.json").read_text()) if resume else None
     finished = resume_state is not None and resume_state["global_step"] >= resume_state["max_steps"]
@@ -298,16 +339,13 @@ def run_sft(
 
     selector = CheckpointSelector()
     if selection_reward_model is not None:
-        from models.loading import assert_same_tokenizer
-        from models.reward_model import ScalarHeadModel
-
         assert_same_tokenizer(tokenizer, load_tokenizer(selection_reward_model), "SFT model and selection reward model")
         rm = ScalarHeadModel.from_pretrained(selection_reward_model, device, default_dtype(device)).eval()
         prompts = load_prepared(prepared_dir, "prompts", split="validation").head(cfg.selection_prompts)
         gen_tokenizer = load_tokenizer(base_model_path)  # left padding for generation
         selector = CheckpointSelector(rm, lambda m: mean_reward_of_greedy_responses(
-            m, gen_tokenizer, rm, [list(p) for p in prompts.prompt], config.ppo.max_prompt_tokens,
-            config.ppo.max_new_tokens))
+            m, gen_tokenizer, rm, [list(p) for p in prompts.prompt], cfg.selection_max_prompt_tokens,
+            cfg.selection_max_new_tokens))
 
     resumed_from = 0
     if resume is not None:
@@ -364,7 +402,7 @@ def run_sft(
     else:
         trainer = SFTTrainer(
             model=model,
-            args=sft_training_args(config, output_dir, device, has_eval=has_eval),
+            args=sft_training_args(cfg, seed, output_dir, device),
             train_dataset=Dataset.from_list(to_conversations(train)),
             eval_dataset=Dataset.from_list(to_conversations(evaluation)) if has_eval else None,
             processing_class=tokenizer,
@@ -387,7 +425,7 @@ def run_sft(
         if selector.reward_model is not None:
             metrics["selection_rm_score"] = selector.best
 
-    model_dir = output_dir / "model"
+    model_dir = StageDir(output_dir).model
     model.to(torch.float32).save_pretrained(model_dir, safe_serialization=True)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(model_dir)

@@ -30,25 +30,60 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Literal
 
 import pandas as pd
+from pydantic import Field, model_validator
 
-from tasks.data import (
-    DATASETS,
-    IngestResult,
-    data_version,
-    frames_version,
-    ingest,
-    prompts_from_comparisons,
-    render_prompt_text,
-    write_prepared,
-)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from flows.config import DataConfig
+from rlhf_pipeline.tasks.datasets import DATASETS, data_version, frames_version, write_prepared
+from rlhf_pipeline.tasks.formats import render_prompt_text
+from rlhf_pipeline.tasks.ingest import IngestResult, ingest, prompts_from_comparisons
+from rlhf_pipeline.tasks.stage import Section
 
 logger = logging.getLogger(__name__)
+
+
+class SourceConfig(Section):
+    """One input data source.
+
+    ``path`` is a local file (JSON, JSON lines, optionally gzip, Parquet, CSV); ``hf_dataset`` is the public dataset the
+    same source resolves to when ``path`` is absent and a hub is reachable. ``format`` is detected from the rows when
+    ``auto``.
+    """
+
+    name: str
+    path: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+    format: Literal["auto", "hh_rlhf", "prompt_chosen_rejected", "kwise", "messages", "alpaca", "seed_tasks"] = "auto"
+
+
+class DataConfig(Section):
+    """Ingestion, splitting and validation of the canonical datasets."""
+
+    comparisons: list[SourceConfig]
+    demonstrations: list[SourceConfig]
+    prepared_dir: str = "data/prepared"
+    # Fractions of prompts per split; the split of a row is a hash of its prompt, so a prompt never crosses splits
+    # and rows keep their split when new data arrives.
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "validation": 0.1, "test": 0.2})
+    split_seed: str = "rlhf-v1"
+    invalid_rows: Literal["drop", "fail"] = "drop"
+    max_invalid_fraction: float = 0.02
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 512
+    min_rows: dict[str, int] = Field(default_factory=lambda: {"demonstrations": 20, "comparisons": 50, "prompts": 20})
+
+    @model_validator(mode="after")
+    def _check_splits(self) -> DataConfig:
+        total = sum(self.splits.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"data.splits must sum to 1, got {total}")
+        for name in ("train", "test"):
+            if name not in self.splits:
+                raise ValueError(f"data.splits needs a '{name}' split")
+        return self
 
 #: Fraction of rows that must be within the token budgets (the rest are warnings, kept and truncated by the trainers).
 BUDGET_MOSTLY = 0.99
@@ -176,7 +211,7 @@ def flat_frame(name: str, frame: pd.DataFrame, count_tokens: Callable[[str], int
 # ------------------------------------------------------------------------------------------------------------- suites
 
 
-def _suite(name: str, flat: pd.DataFrame, config: "DataConfig"):
+def _suite(name: str, flat: pd.DataFrame, config: DataConfig):
     """The expectation suite of one dataset (GX imported here, lazily)."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -279,13 +314,13 @@ def _failure(result) -> dict:
 
 def validate_frames(
     frames: dict[str, pd.DataFrame],
-    config: "DataConfig",
+    config: DataConfig,
     count_tokens: Callable[[str], int] | None = None,
 ) -> ValidationReport:
     """Run the GX suite of each canonical dataset in ``frames`` (any of demonstrations, comparisons, prompts).
 
     Args:
-        frames: canonical frames (columns as in ``tasks.data.COLUMNS``).
+        frames: canonical frames (columns as in ``rlhf_pipeline.tasks.COLUMNS``).
         config: ``DataConfig`` (``min_rows``, ``max_prompt_tokens``, ``max_response_tokens``, ``splits``).
         count_tokens: text -> number of tokens; None estimates ``ceil(len / 4)`` (stated in the report).
 
@@ -375,14 +410,14 @@ def _fail_message(reason: str, dropped: list[dict], report: ValidationReport | N
 
 
 def run_validate(
-    config: "DataConfig",
+    config: DataConfig,
     count_tokens: Callable[[str], int] | None = None,
     prepared_dir: str | Path | None = None,
     strict: bool = False,
 ) -> dict:
     """The data gate used by ``rlhf validate`` and the pipeline: ingest, validate, drop or fail, re-validate, write.
 
-    1. :func:`tasks.data.ingest` the configured sources; rows it could not parse are invalid.
+    1. :func:`rlhf_pipeline.tasks.ingest.ingest` the configured sources; rows it could not parse are invalid.
     2. Run the demonstrations and comparisons suites; rows failing a row-level expectation are invalid too (of
        duplicates the first is kept; soft budget expectations drop nothing).
     3. Invalid rows are dropped with a report when ``config.invalid_rows == "drop"``, ``strict`` is False and they
@@ -390,7 +425,7 @@ def run_validate(
     4. The prompts are rebuilt from the kept comparisons and all three suites run again: they must pass (table-level
        failures such as too few rows always fail).
     5. With ``prepared_dir``, the datasets and ``report.json`` (with the dropped rows and the validation results) are
-       written atomically by :func:`tasks.data.write_prepared`.
+       written atomically by :func:`rlhf_pipeline.tasks.datasets.write_prepared`.
 
     Returns:
         ``{"version": 12-hex data version, "counts": {dataset: n_rows}, "dropped": [{"dataset", "source", "row", "id",
@@ -400,7 +435,7 @@ def run_validate(
     Raises:
         ValidationFailed: as above; its message lists each failing row (source, row, id, rule) and failing
             expectation; ``.report`` holds the details.
-        tasks.data.DataError: a source cannot be read.
+        rlhf_pipeline.tasks.readers.DataError: a source cannot be read.
     """
     result = ingest(config)
     frames = dict(result.frames)

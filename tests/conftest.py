@@ -28,7 +28,13 @@ if not os.environ.get("PATH", "").startswith(_BIN):
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+import gzip  # noqa: E402
+import json  # noqa: E402
+
 import pytest  # noqa: E402
+
+from rlhf_pipeline.tasks.ingest import IngestResult, ingest  # noqa: E402
+from rlhf_pipeline.tasks.validate import DataConfig, SourceConfig  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +51,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     """The tiny random Llama with SmolLM2's tokenizer (built once into the model cache)."""
-    from models.loading import ensure_tiny_random
+    from rlhf_pipeline.models.loading import ensure_tiny_random
 
     return ensure_tiny_random()
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from models.loading import load_tokenizer
+    from rlhf_pipeline.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 
@@ -60,10 +66,63 @@ def tokenizer(tiny_model_path):
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, shared_data) -> Path:
     """The real data through the gate into a temporary prepared folder (once per test session)."""
-    from flows.config import load_config
-    from tasks.validate import run_validate
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.tasks.validate import run_validate
 
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke")
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     run_validate(config.data, prepared_dir=out)
     return out
+
+
+#: the malformed rows of the real HH-RLHF file (1-based line -> rule)
+MALFORMED = {
+    87: "empty_reply",
+    517: "empty_reply",
+    926: "empty_reply",
+    1104: "empty_reply",
+    1255: "prompt_mismatch",
+    1689: "prompt_mismatch",
+    1951: "prompt_mismatch",
+    1953: "prompt_mismatch",
+}
+FEW = {"demonstrations": 1, "comparisons": 1, "prompts": 1}
+
+
+@pytest.fixture(scope="session")
+def hh_rows(shared_data: Path) -> list[dict]:
+    """The real HH-RLHF rows as published (JSON objects)."""
+    with gzip.open(shared_data / "hh-rlhf-harmless" / "comparisons.jsonl.gz", "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.fixture(scope="session")
+def real_config(shared_data: Path) -> DataConfig:
+    """A data section over the real files."""
+    return DataConfig(
+        comparisons=[SourceConfig(name="hh-rlhf-harmless", format="hh_rlhf",
+                                  path=str(shared_data / "hh-rlhf-harmless" / "comparisons.jsonl.gz"))],
+        demonstrations=[SourceConfig(name="instruction-seed-tasks", format="auto",
+                                     path=str(shared_data / "instruction-seed-tasks" / "seed_tasks.jsonl"))],
+    )
+
+
+@pytest.fixture(scope="session")
+def real_result(real_config: DataConfig) -> IngestResult:
+    """The real files ingested (once per test session)."""
+    return ingest(real_config)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write ``rows`` as JSON lines."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def small_data_config(tmp_path: Path, comparisons: list[SourceConfig] | None = None,
+            demonstrations: list[SourceConfig] | None = None) -> DataConfig:
+    """A data section over small hand-made files (one demonstration unless given), with tiny row minimums."""
+    if demonstrations is None:
+        demo = write_jsonl(tmp_path / "demos.jsonl", [{"instruction": "Say hi.", "input": "", "output": "Hi!"}])
+        demonstrations = [SourceConfig(name="demos", path=str(demo))]
+    return DataConfig(comparisons=comparisons or [], demonstrations=demonstrations, min_rows=FEW)

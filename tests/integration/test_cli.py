@@ -7,7 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
-from flows.cli import app
+from rlhf_pipeline.flows.cli import app
 from tests.conftest import PROJECT_ROOT
 
 runner = CliRunner()

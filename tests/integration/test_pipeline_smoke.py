@@ -14,7 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from rlhf_pipeline.flows.cli import app
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def mlflow_sqlite(tmp_path, monkeypatch):
 
 
 def _run_flow(project: Path, output: str, overrides: list[str] | None = None):
-    from flows.pipeline import rlhf_pipeline
+    from rlhf_pipeline.flows.pipeline import rlhf_pipeline
 
     return rlhf_pipeline(profile="smoke", overrides=overrides, project_dir=str(project), output_dir=output)
 
@@ -73,7 +73,7 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     from mlflow import MlflowClient
     from prefect import get_client
 
-    from tasks.data import data_version
+    from rlhf_pipeline.tasks.datasets import data_version
 
     # the first 1,800 real comparisons; the last 200 arrive later as new data for the scheduled retrain
     lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
@@ -266,7 +266,7 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
 
     # 200 new real rows arrive: the scheduled retrain makes a new data version, re-runs every stage and gates a new
     # challenger; its SFT checkpoint is picked by the champion reward model (App. C.1)
-    from flows.retrain import rlhf_retrain
+    from rlhf_pipeline.flows.retrain import rlhf_retrain
 
     with open(incoming, "a") as fh:
         fh.write("".join(lines[FIRST_ROWS:]))
@@ -319,7 +319,7 @@ def test_bad_data_stops_the_flow_before_training(tmp_path, shared_data, prefect_
     """A comparison file with too many malformed rows fails the GX gate: no training, nothing registered."""
     from mlflow import MlflowClient
 
-    from tasks.validate import ValidationFailed
+    from rlhf_pipeline.tasks.validate import ValidationFailed
 
     rows = [json.loads(line) for line in gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt")][:200]
     for row in rows[:20]:  # 10% chosen == rejected: over the 2% the drop policy allows

@@ -4,7 +4,7 @@ champion/challenger promotion checked through MLflow's REST API.
 
 Each module run creates its own pair of PostgreSQL databases (random suffix) and drops them at the end; the servers,
 the worker and its flow runs live in process groups that are ended at the end. The servers and the worker are started
-with infra/services.py's functions, as ``make services`` does.
+with rlhf_pipeline.infra.services' functions, as ``make services`` does.
 
 Time on 2 CPU cores: ~20 s for both servers, ~10 s for ``prefect deploy``, then the two smoke runs (SLOW, ~1-2 min
 each); about 4-5 minutes in all.
@@ -12,16 +12,15 @@ each); about 4-5 minutes in all.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 import time
 import uuid
 from types import SimpleNamespace
 
 import pytest
 
+from rlhf_pipeline.infra import services
 from tests.conftest import PROJECT_ROOT
 from tests.integration.test_pipeline_smoke import make_project
 
@@ -30,16 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 POLICY = "rlhf-policy-smoke"  # the smoke profile's registered policy
 STAGES = ("validate", "sft", "reward", "ppo", "evaluate", "register")
 
-
-def _load_services():
-    spec = importlib.util.spec_from_file_location("rlhf_infra_services", PROJECT_ROOT / "infra" / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-services = _load_services()
 
 
 class Steps:

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.integration
 
 RUN_PPO = """
 import json, sys
-from flows.config import load_config
-from tasks.ppo import run_ppo
+from rlhf_pipeline.flows.config import load_config
+from rlhf_pipeline.tasks.ppo import run_ppo
 cfg = load_config(sys.argv[1], "smoke", json.loads(sys.argv[2]))
-run_ppo(cfg, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
+run_ppo(cfg.ppo, cfg.model, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
 """
 OVERRIDES = ["ppo.steps=4", "ppo.checkpoint_every=1", "ppo.batch_size=4", "ppo.mini_batch_size=2"]
 
@@ -33,8 +33,8 @@ OVERRIDES = ["ppo.steps=4", "ppo.checkpoint_every=1", "ppo.batch_size=4", "ppo.m
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, prepared_data, tiny_model_path):
     """Prepared real data, the tiny model as SFT model, and a reward model built from it."""
-    from models.loading import load_tokenizer
-    from models.reward_model import ScalarHeadModel
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel
 
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
@@ -45,12 +45,12 @@ def inputs(tmp_path_factory, prepared_data, tiny_model_path):
 
 
 def _run(inputs, out: Path):
-    from flows.config import load_config
-    from tasks.ppo import run_ppo
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.tasks.ppo import run_ppo
 
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke", OVERRIDES)
     prepared, sft, rm = inputs
-    return run_ppo(config, prepared, sft, rm, out)
+    return run_ppo(config.ppo, config.model, prepared, sft, rm, out)
 
 
 def _start_and_kill_at(inputs, out: Path, checkpoint: str, timeout: float = 300) -> None:
@@ -109,15 +109,15 @@ def test_ppo_killed_after_the_last_step_still_finishes(inputs, tmp_path):
 
 RUN_STAGE = """
 import json, sys
-from flows.config import load_config
+from rlhf_pipeline.flows.config import load_config
 cfg = load_config(sys.argv[1], "smoke", json.loads(sys.argv[2]))
 stage, prepared, model, out, rm = sys.argv[3:8]
 if stage == "sft":
-    from tasks.sft import run_sft
-    run_sft(cfg, prepared, model, out, selection_reward_model=rm or None)
+    from rlhf_pipeline.tasks.sft import run_sft
+    run_sft(cfg.sft, cfg.model, prepared, model, out, selection_reward_model=rm or None)
 else:
-    from tasks.reward import run_reward
-    run_reward(cfg, prepared, model, out)
+    from rlhf_pipeline.tasks.reward import run_reward
+    run_reward(cfg.reward, cfg.model, prepared, model, out)
 """
 # a few demonstrations in batches of 2 (those too long for max_length are dropped): 2 or more steps an epoch, 2 epochs
 SFT_OVERRIDES = ["sft.checkpoint_every=1", "sft.epochs=2", "sft.max_examples=8", "sft.batch_size=2",
@@ -176,12 +176,12 @@ def _same_stage(a, b, models: tuple[str, ...] = ("model",)) -> None:
 
 def _sft(inputs, out: Path, log=None):
     """SFT on the tiny model, epochs selected by the (random) test RM's mean score."""
-    from flows.config import load_config
-    from tasks.sft import run_sft
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.tasks.sft import run_sft
 
     prepared, base, rm = inputs
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke", SFT_OVERRIDES)
-    return run_sft(config, prepared, base, out, log or (lambda m, s: None), selection_reward_model=rm)
+    return run_sft(config.sft, config.model, prepared, base, out, log or (lambda m, s: None), selection_reward_model=rm)
 
 
 @pytest.fixture(scope="module")
@@ -255,12 +255,12 @@ def test_sft_killed_after_the_last_step_still_finishes(inputs, sft_reference, tm
 
 
 def _reward(inputs, out: Path, overrides: list[str], log=None):
-    from flows.config import load_config
-    from tasks.reward import run_reward
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.tasks.reward import run_reward
 
     prepared, sft, _ = inputs
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke", RM_OVERRIDES + overrides)
-    return run_reward(config, prepared, sft, out, log or (lambda m, s: None))
+    return run_reward(config.reward, config.model, prepared, sft, out, log or (lambda m, s: None))
 
 
 def test_reward_resume_at_an_epoch_boundary_matches_uninterrupted_run(inputs, tmp_path):

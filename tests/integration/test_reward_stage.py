@@ -12,14 +12,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("mode", ["head", "top_layers", "full"])
 def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tiny_model_path, tmp_path):
-    from flows.config import load_config
-    from models.loading import load_tokenizer
-    from models.reward_model import ScalarHeadModel, score_texts
-    from tasks.data import load_prepared
-    from tasks.reward import run_reward
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
+    from rlhf_pipeline.tasks.datasets import load_prepared
+    from rlhf_pipeline.tasks.reward import run_reward
 
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke", [f"reward.mode={mode}", "reward.max_train_pairs=24"])
-    result = run_reward(config, prepared_data, tiny_model_path, tmp_path)
+    result = run_reward(config.reward, config.model, prepared_data, tiny_model_path, tmp_path)
     m = result.metrics
     assert m["train_pairs"] == 24 and m["eval_pairs"] == 16 and m["judge_train_pairs"] == 16
     assert 0.0 <= m["accuracy"] <= 1.0 and m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]

@@ -4,10 +4,8 @@ script, checked by parsing them (no Docker engine here). The real deploy is in t
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
-import sys
 
 import pytest
 import yaml
@@ -18,17 +16,11 @@ INFRA = PROJECT_ROOT / "infra"
 FLOWS = {"flows/pipeline.py:rlhf_pipeline": "rlhf-pipeline", "flows/retrain.py:rlhf_retrain": "rlhf-retrain"}
 
 
-def _load_services():
-    spec = importlib.util.spec_from_file_location("rlhf_infra_services", INFRA / "services.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def services():
-    return _load_services()
+    from rlhf_pipeline.infra import services
+
+    return services
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +200,7 @@ def test_compose_worker_gets_a_gpu(compose):
     assert (INFRA / build["context"] / build["dockerfile"]).resolve() == INFRA / "Dockerfile.worker"
     # the setup service creates the pools and the limit, then deploys prefect.yaml
     setup = _command(compose["services"]["setup"])
-    assert "infra/services.py setup" in setup and "deploy --all --prefect-file infra/prefect.yaml" in setup
+    assert "python -m rlhf_pipeline.infra.services setup" in setup and "deploy --all --prefect-file infra/prefect.yaml" in setup
     # the docker pool's flow-run containers join the compose network and share its volumes
     docker_vars = yaml.safe_load((INFRA / "prefect.yaml").read_text())["definitions"]["work_pools"]["docker_gpu"][
         "job_variables"]
@@ -266,6 +258,6 @@ def test_services_stop_and_status_without_servers(services, tmp_path, capsys):
 
 def test_makefile_targets():
     makefile = (PROJECT_ROOT / "Makefile").read_text()
-    assert re.search(r"^services:.*\n\t.*infra/services\.py start", makefile, flags=re.M)
-    assert re.search(r"^services-stop:.*\n\t.*infra/services\.py stop", makefile, flags=re.M)
+    assert re.search(r"^services:.*\n\t.*-m rlhf_pipeline\.infra\.services start", makefile, flags=re.M)
+    assert re.search(r"^services-stop:.*\n\t.*-m rlhf_pipeline\.infra\.services stop", makefile, flags=re.M)
     assert "/.services/" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()

@@ -8,9 +8,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from flows.config import DataConfig, SourceConfig
-from tasks.data import data_version, frame_from_records, load_prepared
-from tasks.validate import ValidationFailed, ValidationReport, run_validate, validate_frames
+from rlhf_pipeline.tasks.datasets import data_version, frame_from_records, load_prepared
+from rlhf_pipeline.tasks.validate import (
+    DataConfig,
+    SourceConfig,
+    ValidationFailed,
+    ValidationReport,
+    run_validate,
+    validate_frames,
+)
 
 MALFORMED = [
     (87, "empty_reply"),

@@ -1,0 +1,81 @@
+"""Serialising work that must not interleave: promotions (a file lock in the project and, with a shared Prefect
+server, the global concurrency limit ``rlhf-promotion``) and training stages on one GPU (the limit ``gpu``).
+
+The file lock serialises processes on one machine, each of which may run its own temporary Prefect server; a global
+concurrency limit on a shared server serialises workers on several machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+CONCURRENCY_LIMIT = "rlhf-promotion"
+GPU_LIMIT = "gpu"
+LOCK_FILE = ".rlhf-promotion.lock"
+
+
+def ensure_concurrency_limit(name: str = CONCURRENCY_LIMIT, limit: int = 1) -> None:
+    """Create the Prefect global concurrency limit ``name`` when the server has none of that name."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            except Exception:  # created concurrently by another promotion
+                client.read_global_concurrency_limit_by_name(name)
+
+
+@contextlib.contextmanager
+def promotion_lock(project_dir: str | Path, timeout_s: float = 3600) -> Iterator[None]:
+    """Hold the project's promotion file lock and, when ``PREFECT_API_URL`` names a shared Prefect server, a slot of
+    its global concurrency limit ``rlhf-promotion`` (limit 1).
+
+    Raises:
+        TimeoutError: when another promotion holds them for more than ``timeout_s`` seconds.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(Path(project_dir) / LOCK_FILE))
+    if os.environ.get("PREFECT_API_URL"):  # a shared Prefect server: workers on other machines see the limit
+        from prefect.concurrency.sync import concurrency
+
+        ensure_concurrency_limit()
+        slot = concurrency(CONCURRENCY_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=True)
+    else:  # a temporary server lives in one process only: the file lock is what serialises local runs
+        slot = contextlib.nullcontext()
+    with slot:
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout as exc:
+            raise TimeoutError(f"another promotion holds {lock.lock_file} for more than {timeout_s:.0f} s") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+@contextlib.contextmanager
+def gpu_slot(device: str) -> Iterator[None]:
+    """Hold a slot of the Prefect global concurrency limit ``gpu`` while a stage trains on CUDA (two training stages
+    never share one GPU when workers share a Prefect server; no limit of that name, no wait).
+
+    Args:
+        device: the ``model.device`` setting (``auto``, ``cpu`` or ``cuda``).
+    """
+    from rlhf_pipeline.models.loading import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        yield

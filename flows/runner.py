@@ -1,0 +1,188 @@
+"""Running one stage: reuse an earlier run with the same cache key, or call the stage function inside a nested MLflow
+run and record what it wrote.
+
+The stage function gets exactly the configuration sections its :class:`~rlhf_pipeline.flows.stages.Stage` declares,
+its typed inputs, its output folder and a metric logger; the runner logs its metrics and files, writes ``result.json``
+(:attr:`~rlhf_pipeline.tasks.stage.StageDir.result`) and publishes the Prefect artifact ``rlhf-<stage>``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rlhf_pipeline.flows import artifacts, tracking
+from rlhf_pipeline.flows.config import Config
+from rlhf_pipeline.flows.locks import gpu_slot
+from rlhf_pipeline.flows.stages import STAGE, Stage
+from rlhf_pipeline.tasks.stage import StageDir, StageResult, numeric_metrics
+
+
+@dataclass
+class RunContext:
+    """What every task of one pipeline run shares (small and picklable: Prefect passes it to each task).
+
+    Attributes:
+        experiment_id, parent_run_id: the MLflow experiment and the flow's parent run.
+        tags: tags set on every stage run (profile, base model, commit, data version...).
+        output_dir: the run's folder (``runs/<profile>-<time>``); stage ``s`` writes to ``output_dir/s``.
+        tracking_uri: the MLflow tracking URI (for links).
+        use_cache: reuse stages whose inputs are unchanged.
+        keys: ``{stage: cache key}``, filled once the data version is known.
+    """
+
+    experiment_id: str
+    parent_run_id: str
+    tags: dict[str, str]
+    output_dir: str
+    tracking_uri: str
+    use_cache: bool = True
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> StageDir:
+        """The output folder of ``stage`` in this run."""
+        return StageDir(Path(self.output_dir) / stage)
+
+    def link(self, run_id: str) -> str:
+        """Markdown pointing at an MLflow run of this experiment."""
+        return tracking.run_link(self.tracking_uri, self.experiment_id, run_id)
+
+
+@dataclass
+class StageOutcome:
+    """What a stage's task returns to the flow.
+
+    Attributes:
+        stage: the stage's name.
+        status: ``completed`` (it ran) or ``reused`` (an earlier run with the same key; ``mlflow_run_id`` and
+            ``output_dir`` are that run's).
+        paths: what the stage wrote (``model``, ``judge``, ``samples``...).
+        metrics: its summary metrics.
+        mlflow_run_id: the stage's MLflow run.
+        output_dir: its output folder.
+        cache_key: its cache key (``None`` for the data gate).
+    """
+
+    stage: str
+    status: str
+    paths: dict[str, str]
+    metrics: dict
+    mlflow_run_id: str
+    output_dir: str
+    cache_key: str | None = None
+
+    def to_summary(self) -> dict:
+        """The stage's entry in ``summary.json``."""
+        entry = {"status": self.status, "mlflow_run_id": self.mlflow_run_id, "metrics": self.metrics,
+                 "cache_key": self.cache_key, "paths": self.paths}
+        if self.status == "reused":
+            entry["reused_from"] = self.output_dir
+        return entry
+
+
+def stage_params(config: Config, stage: Stage) -> dict[str, str]:
+    """The MLflow params of a stage run: the sections the stage reads."""
+    prefixes = tuple(f"{section}." for section in stage.sections)
+    return {k: v for k, v in config.flat_params().items() if k.startswith(prefixes)}
+
+
+def find_reusable(experiment_id: str, stage: str, key: str) -> StageOutcome | None:
+    """The newest finished run of ``stage`` with cache key ``key`` whose outputs are still on disk, as a ``reused``
+    outcome; ``None`` on a miss (no such run, its folder deleted or overwritten, a listed file missing)."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`rlhf.cache_key` = '{key}' and tags.`rlhf.stage` = '{stage}' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    )
+    for run in runs:
+        if run.data.tags.get("rlhf.reused_run_id"):
+            continue  # a record of an earlier reuse; the original run is the one to point at
+        folder = run.data.tags.get("rlhf.output_dir")
+        if not folder:
+            continue
+        try:
+            result = json.loads(StageDir(folder).result.read_text())
+        except (OSError, ValueError):
+            continue
+        if result.get("cache_key") != key:
+            continue
+        if not all(Path(p).exists() for p in result.get("paths", {}).values()):
+            continue
+        return StageOutcome(stage, "reused", result["paths"], result["metrics"], run.info.run_id, folder, key)
+    return None
+
+
+def reuse(stage: Stage, config: Config, ctx: RunContext) -> StageOutcome | None:
+    """The earlier run to reuse for ``stage`` (cache on and a hit), recorded under this flow's parent run: a short
+    nested run pointing at the reused one, with its metrics, so the parent's tree keeps one child per stage and runs
+    compare side by side; ``None`` when the stage must run."""
+    if not (ctx.use_cache and stage.cached):
+        return None
+    key = ctx.keys[stage.name]
+    hit = find_reusable(ctx.experiment_id, stage.name, key)
+    if hit is None:
+        return None
+    import mlflow
+    from prefect import get_run_logger
+
+    get_run_logger().info("%s: reusing MLflow run %s (inputs unchanged, cache key %s) from %s", stage.name,
+                          hit.mlflow_run_id, key, hit.output_dir)
+    tags = {**ctx.tags, "rlhf.cache_key": key, "rlhf.reused_run_id": hit.mlflow_run_id,
+            "rlhf.output_dir": hit.output_dir}
+    with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, stage.name, stage_params(config, stage), tags):
+        mlflow.log_metrics(numeric_metrics(hit.metrics))
+        mlflow.set_tag("mlflow.note.content", f"Reused: the inputs of this stage are unchanged since MLflow run "
+                                              f"{hit.mlflow_run_id} (cache key {key}).")
+    artifacts.stage_artifact(stage.name, "reused", hit.metrics, ctx.link(hit.mlflow_run_id),
+                             f" (inputs unchanged; outputs in `{hit.output_dir}`)")
+    return hit
+
+
+def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] | None = None,
+            **inputs) -> StageOutcome:
+    """Run ``stage``'s function inside its nested MLflow run: ``fn(*sections, **inputs, output_dir=..., log=...)``.
+
+    The stage's metrics are logged on its run, ``result.json`` (paths, metrics, cache key) is written into its folder,
+    and every file it lists is logged as an artifact. ``tags`` are added to the stage run.
+
+    Raises:
+        Exception: whatever the stage raises (its MLflow run is then ``FAILED``).
+    """
+    import mlflow
+
+    key = ctx.keys.get(stage.name)
+    layout = ctx.stage_dir(stage.name)
+    run_tags = {**ctx.tags, **(tags or {}), "rlhf.output_dir": str(layout.root)}
+    if key:
+        run_tags["rlhf.cache_key"] = key
+    sections = [getattr(config, name) for name in stage.sections]
+    with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, stage.name, stage_params(config, stage),
+                            run_tags) as (run_id, sink):
+        with gpu_slot(config.model.device):
+            result: StageResult = stage.function()(*sections, **inputs, output_dir=layout.root, log=sink)
+        mlflow.log_metrics(numeric_metrics(result.metrics))
+        save_result(layout, result, key)
+        mlflow.log_artifact(str(layout.result))
+        for path in result.paths.values():
+            if Path(path).is_file():
+                mlflow.log_artifact(path)
+    artifacts.stage_artifact(stage.name, "completed", result.metrics, ctx.link(run_id))
+    return StageOutcome(stage.name, "completed", result.paths, result.metrics, run_id, str(layout.root), key)
+
+
+def run_stage(name: str, config: Config, ctx: RunContext, **inputs) -> StageOutcome:
+    """Reuse ``name``'s earlier run when its inputs are unchanged, else :func:`execute` it."""
+    stage = STAGE[name]
+    return reuse(stage, config, ctx) or execute(stage, config, ctx, **inputs)
+
+
+def save_result(layout: StageDir, result: StageResult, key: str | None) -> None:
+    """``result.json``: what the stage wrote and its metrics, with the cache key a later run checks on reuse."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    payload = {"stage": result.stage, "cache_key": key, **asdict(result)}
+    layout.result.write_text(json.dumps(payload, indent=2, default=str))
