@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from rlhf_pipeline.flows.workers import DistributedConfig
 from rlhf_pipeline.tasks.evaluate import EvaluateConfig
 from rlhf_pipeline.tasks.ppo import PPOConfig
 from rlhf_pipeline.tasks.promotion import PromotionConfig
@@ -79,6 +80,7 @@ class Config(Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     def section_hash(self, section: str) -> str:
         """A short sha256 of one section's resolved values."""

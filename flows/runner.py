@@ -16,6 +16,7 @@ from rlhf_pipeline.flows import artifacts, tracking
 from rlhf_pipeline.flows.config import Config
 from rlhf_pipeline.flows.locks import gpu_slot
 from rlhf_pipeline.flows.stages import STAGE, Stage
+from rlhf_pipeline.flows.workers import run_stage_function
 from rlhf_pipeline.tasks.stage import StageDir, StageResult, numeric_metrics
 
 
@@ -145,7 +146,8 @@ def reuse(stage: Stage, config: Config, ctx: RunContext) -> StageOutcome | None:
 
 def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] | None = None,
             **inputs) -> StageOutcome:
-    """Run ``stage``'s function inside its nested MLflow run: ``fn(*sections, **inputs, output_dir=..., log=...)``.
+    """Run ``stage``'s function inside its nested MLflow run: ``fn(*sections, **inputs, output_dir=..., log=...)``,
+    here or on ``distributed.workers`` Ray workers (:func:`rlhf_pipeline.flows.workers.run_stage_function`).
 
     The stage's metrics are logged on its run, ``result.json`` (paths, metrics, cache key) is written into its folder,
     and every file it lists is logged as an artifact. ``tags`` are added to the stage run.
@@ -160,11 +162,11 @@ def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] 
     run_tags = {**ctx.tags, **(tags or {}), "rlhf.output_dir": str(layout.root)}
     if key:
         run_tags["rlhf.cache_key"] = key
-    sections = [getattr(config, name) for name in stage.sections]
     with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, stage.name, stage_params(config, stage),
                             run_tags) as (run_id, sink):
         with gpu_slot(config.model.device):
-            result: StageResult = stage.function()(*sections, **inputs, output_dir=layout.root, log=sink)
+            result: StageResult = run_stage_function(stage, config, inputs, layout.root, sink, run_id,
+                                                     ctx.tracking_uri)
         mlflow.log_metrics(numeric_metrics(result.metrics))
         save_result(layout, result, key)
         mlflow.log_artifact(str(layout.result))

@@ -1,5 +1,5 @@
 """Loading base models and tokenizers: the bundled SmolLM2 GGUF (converted once), the tiny test model, local folders
-and Hugging Face ids; device and dtype choice (bf16 on CUDA, fp32 on CPU).
+and Hugging Face ids; the device.
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ def resolve_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU (these CPUs have no bf16 instructions)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _file_lock(path: Path):
@@ -202,11 +197,12 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype | None = None):
-    """A causal LM from a folder or id on ``device`` (bf16 on CUDA, fp32 on CPU by default)."""
+def load_causal_lm(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
+    """A causal LM from a folder or id on ``device``, in fp32 by default: trained weights stay fp32 (the master copy)
+    and bf16 is a compute precision (:mod:`rlhf_pipeline.models.precision`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or default_dtype(device))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device)
 
 

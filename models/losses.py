@@ -24,20 +24,28 @@ import torch
 import torch.nn.functional as F
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                total: float | torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``values`` over positions where ``mask`` is 1.
 
     Args:
         values: any shape.
         mask: same shape as ``values``, 0/1.
         dim: reduce over this dimension only; ``None`` reduces over everything.
+        total: divide the masked sum by this count instead of ``mask.sum()`` (with ``dim=None`` only): the global
+            number of tokens when the batch is split over workers, so the workers' partial means add up to the mean
+            of the whole batch.
 
     Raises:
-        ValueError: when the shapes differ.
+        ValueError: when the shapes differ, or ``total`` is given with ``dim``.
     """
     if values.shape != mask.shape:
         raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ in shape")
     mask = mask.to(values.dtype)
+    if total is not None:
+        if dim is not None:
+            raise ValueError("masked_mean: total is for a reduction over everything (dim=None)")
+        return (values * mask).sum() / torch.as_tensor(total, dtype=values.dtype, device=values.device).clamp(min=1.0)
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1.0)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
@@ -100,12 +108,25 @@ def ranking_loss(rewards: torch.Tensor, num_responses: torch.Tensor | None = Non
     return per_prompt.mean()
 
 
-def ranking_accuracy(rewards: torch.Tensor) -> torch.Tensor:
-    """Fraction of pairs ``(w, l)`` with ``r_w > r_l`` per row; ``rewards`` is ``[B, K]`` best first. Returns ``[B]``."""
+def ranking_accuracy(rewards: torch.Tensor, num_responses: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of ranked pairs ``(w, l)`` with ``r_w > r_l`` per row.
+
+    Args:
+        rewards: ``[B, K]`` scores, responses ranked best first.
+        num_responses: optional ``[B]``, the real K of each row when rows are padded to a common K; pairs with a
+            padded column are not counted (as in :func:`ranking_loss`).
+
+    Returns:
+        ``[B]`` accuracies in [0, 1].
+    """
     k = rewards.shape[1]
     pairs = list(itertools.combinations(range(k), 2))
     correct = torch.stack([(rewards[:, w] > rewards[:, l]).float() for w, l in pairs], dim=1)
-    return correct.mean(1)
+    if num_responses is None:
+        return correct.mean(1)
+    l_idx = torch.tensor([l for _, l in pairs], device=rewards.device)
+    valid = (l_idx.unsqueeze(0) < num_responses.unsqueeze(1)).float()
+    return (correct * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
 def per_token_kl_rewards(
@@ -186,6 +207,7 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate objective, negated as a loss.
 
@@ -197,6 +219,8 @@ def ppo_policy_loss(
         old_logprobs: ``[B, T]`` at rollout time.
         advantages: ``[B, T]``.
         mask: ``[B, T]``.
+        num_tokens: the token count the loss and the statistics are divided by (default ``mask.sum()``; the global
+            count of the minibatch when it is split over workers: see :func:`masked_mean`).
 
     Returns:
         ``(loss, stats)`` with stats ``clipfrac`` (fraction of tokens where the clip is active), ``approx_kl``
@@ -206,12 +230,12 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = masked_mean(torch.max(unclipped, clipped), mask, total=num_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask, total=num_tokens),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask, total=num_tokens),
+            "ratio": masked_mean(ratio, mask, total=num_tokens),
         }
     return loss, stats
 
@@ -222,6 +246,7 @@ def ppo_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range_value: float = 0.2,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss ``½ E_t[max((V − R)², (clip(V, V_old ± ε_v) − R)²)]``.
 
@@ -232,6 +257,7 @@ def ppo_value_loss(
         old_values: ``[B, T]`` at rollout time.
         returns: ``[B, T]`` GAE returns (targets).
         mask: ``[B, T]``.
+        num_tokens: the divisor of the masked sums, as in :func:`ppo_policy_loss`.
 
     Returns:
         ``(loss, stats)`` with ``vf_clipfrac``.
@@ -239,21 +265,23 @@ def ppo_value_loss(
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask, total=num_tokens)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask)}
+        stats = {"vf_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), mask, total=num_tokens)}
     return loss, stats
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token negative log-likelihood over real tokens (nats/token): the PPO-ptx term
     ``−E_pretrain[log π(x)]`` (InstructGPT §3.5, eq. 2) and perplexity's log.
 
     Args:
         logits: ``[B, T, V]``.
         input_ids, attention_mask: ``[B, T]``.
+        num_tokens: the divisor of the summed NLL (default: the real predicted tokens, ``attention_mask[:, 1:].sum()``).
     """
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     target = input_ids[:, 1:]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return masked_mean(nll, attention_mask[:, 1:].to(nll.dtype))
+    return masked_mean(nll, attention_mask[:, 1:].to(nll.dtype), total=num_tokens)

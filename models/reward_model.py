@@ -13,6 +13,7 @@ Note that transformers' own pooling picks the last non-pad token by id, which is
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -35,13 +36,17 @@ class ScalarHeadModel(nn.Module):
         self.seq_cls = seq_cls
         self.register_buffer("bias", torch.tensor(float(bias)), persistent=False)
 
+    def _transformer(self) -> nn.Module:
+        """The ``*ForSequenceClassification`` model (inside its peft wrapper when it has LoRA adapters)."""
+        return self.seq_cls.get_base_model() if hasattr(self.seq_cls, "get_base_model") else self.seq_cls
+
     @property
     def backbone(self) -> nn.Module:
-        return self.seq_cls.base_model
+        return self._transformer().base_model
 
     @property
     def head(self) -> nn.Module:
-        return self.seq_cls.score
+        return self._transformer().score
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32):
@@ -62,36 +67,54 @@ class ScalarHeadModel(nn.Module):
         bias = float(getattr(config, "rlhf_reward_bias", 0.0) or 0.0)
         return cls(seq_cls, bias=bias).to(device)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H]`` last hidden states of the backbone."""
-        out = self.backbone(
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, what: str = "score") -> torch.Tensor:
+        """The model's outputs for ``[B, T]`` ids and mask (every method below goes through here, so a sharded model's
+        hooks run): ``what`` is ``"score"`` (``[B]`` reward read at each sequence's last real token), ``"values"``
+        (``[B, T]``, the value model's V(s_t) at every position), ``"features"`` (``[B, H]``, what the head reads) or
+        ``"hidden"`` (``[B, T, H]``). Scores, values and features are float32.
+
+        Raises:
+            ValueError: for an unknown ``what``.
+        """
+        if what not in ("score", "values", "features", "hidden"):
+            raise ValueError(f"unknown output {what!r}")
+        hidden = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
-        )
-        return out.last_hidden_state
+        ).last_hidden_state
+        if what == "hidden":
+            return hidden
+        if what == "values":
+            return self.head(hidden).squeeze(-1).float() + self.bias
+        features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        if what == "features":
+            return features.float()
+        return self.head(features).squeeze(-1).float() + self.bias
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, H]`` last hidden states of the backbone."""
+        return self(input_ids, attention_mask, "hidden")
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` scalar output at every position (the value model's V(s_t)); float32."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        return self.head(hidden).squeeze(-1).float() + self.bias
+        return self(input_ids, attention_mask, "values")
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B]`` reward of each whole sequence, read at its last real token; float32."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        last = last_token_index(attention_mask)
-        features = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(features).squeeze(-1).float() + self.bias
+        return self(input_ids, attention_mask, "score")
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, H]`` backbone features at the last real token (what the head reads); float32."""
-        hidden = self.hidden_states(input_ids, attention_mask)
-        last = last_token_index(attention_mask)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
+        return self(input_ids, attention_mask, "features")
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Save as a transformers sequence-classification folder (safetensors) with the bias in the config."""
+        """Save as a plain transformers sequence-classification folder (safetensors; LoRA adapters merged into the
+        weights) with the bias in the config."""
+        from rlhf_pipeline.models.lora import merged
+
+        self.seq_cls = merged(self.seq_cls)
         self.seq_cls.config.rlhf_reward_bias = float(self.bias)
         self.seq_cls.save_pretrained(str(path), safe_serialization=True)
 
@@ -105,20 +128,31 @@ def score_texts(
     max_length: int,
     batch_size: int = 8,
     features: bool = False,
+    engine=None,
 ) -> torch.Tensor:
     """Score (prompt, response) pairs with the reward model: ``[N]`` rewards, or ``[N, H]`` features if ``features``.
 
-    Sequences are sorted by length and batched to limit padding; the result is in input order.
+    Sequences are sorted by length and batched to limit padding; the result is in input order. With an ``engine``
+    (:class:`rlhf_pipeline.models.distributed.Engine`) the batches run in its compute precision and are shared out over
+    its workers (every worker gets the whole result).
     """
+    from rlhf_pipeline.models import distributed
+
+    here = engine.world if engine is not None else distributed.World()
     device = next(model.parameters()).device
     seqs = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out: list[torch.Tensor | None] = [None] * len(seqs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    done: list[tuple[list[int], torch.Tensor]] = []
+    for positions in distributed.batches(len(order), batch_size, here):
+        idx = [order[p] for p in positions] or order[:1]  # an empty batch: a stand-in forward, dropped
         ids, mask = pad_sequences([seqs[i] for i in idx], tokenizer.pad_token_id, side="right")
-        ids, mask = ids.to(device), mask.to(device)
-        values = model.features(ids, mask) if features else model.score(ids, mask)
-        for j, i in enumerate(idx):
-            out[i] = values[j].cpu()
+        with engine.autocast() if engine is not None else contextlib.nullcontext():
+            values = model(ids.to(device), mask.to(device), "features" if features else "score")
+        if positions:
+            done.append((idx, values.float().cpu()))
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for part in distributed.gather_objects(done):
+        for idx, values in part:
+            for j, i in enumerate(idx):
+                out[i] = values[j]
     return torch.stack(out)  # type: ignore[arg-type]

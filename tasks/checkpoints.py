@@ -1,59 +1,83 @@
-"""Resumable step checkpoints of the training loops: atomic ``step-NNNNNN`` folders and the RNG state they carry."""
+"""Resumable step checkpoints of the training loops, sharded and free of pickle.
+
+A checkpoint is a folder ``step-NNNNNN`` with
+
+- ``state.json``: the loop's position and history (step, data position, KL coefficient, metrics so far...) and the
+  hash of the configuration it was written under; read first, and nothing else is read unless the hash matches;
+- ``tensors/``: a ``torch.distributed.checkpoint`` folder with the models' weights, the optimizer states and other
+  tensors (an EMA shadow). Each worker writes its own shards; any number of workers loads it (DCP reshards), so a run
+  saved with 2 workers resumes with 1 and the reverse.
+
+Nothing is unpickled: DCP stores tensors and their metadata, JSON the rest; a planted file runs no code. The folder is
+written under a temporary name and renamed by worker 0 once every worker has written (a kill leaves only the
+temporary folder, which the next run removes).
+
+The random streams are not saved: every step draws from generators seeded by ``(seed, step, worker)``
+(:func:`step_seed`), so a resumed run continues with the streams an uninterrupted run would use (with the same number
+of workers).
+"""
 
 from __future__ import annotations
 
-import random
+import hashlib
+import json
+import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
-import torch
+from rlhf_pipeline.models import distributed
 
-
-def rng_state() -> dict:
-    """The global RNG states: torch (CPU and, when present, CUDA), Python's ``random`` and NumPy's."""
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+STATE = "state.json"
+TENSORS = "tensors"
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned (a state without ``cuda`` leaves the CUDA generators alone)."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def step_seed(seed: int, step: int, *salt: object) -> int:
+    """A 63-bit seed derived from ``seed``, the ``step`` and anything else (a worker's rank, a purpose name)."""
+    payload = json.dumps([seed, step, *map(str, salt)]).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") >> 1
 
 
-def save_step_checkpoint(root: Path, step: int, write: Callable[[Path], None], state: dict, keep: int) -> Path:
-    """Write ``root/step-NNNNNN`` atomically: ``write(folder)`` saves the weights into a temporary folder, ``state``
-    goes to ``state.pt``, and the folder is renamed when complete (a kill leaves only a ``.tmp-*`` folder, which
-    :func:`latest_step_checkpoint` removes). Only the newest ``keep`` checkpoints are kept. Returns the folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    write(tmp)
-    torch.save(state, tmp / "state.pt")
+def save_step(root: Path, step: int, tensors: dict, state: dict, keep: int) -> Path:
+    """Write ``root/step-NNNNNN``: ``tensors`` (nested dicts of tensors / DTensors, e.g. ``get_state_dict(model,
+    optimizer)``) with ``torch.distributed.checkpoint`` and ``state`` (JSON-serialisable) as ``state.json``. Every
+    worker calls it. Only the newest ``keep`` checkpoints are kept. Returns the folder."""
     final = root / f"step-{step:06d}"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".tmp-step-{step:06d}"
+    main = distributed.world().is_main
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    distributed.barrier()
+    distributed.save_tensors(tensors, tmp / TENSORS)
+    if main:
+        (tmp / STATE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
-def latest_step_checkpoint(
-    root: Path, config_hash: str, required: tuple[str, ...] = ("state.pt",)
-) -> tuple[Path, dict] | None:
-    """The newest ``root/step-*`` holding every file in ``required`` whose ``state.pt`` was written under
-    ``config_hash``, with that state loaded; ``None`` if there is none. Temporary folders of a write cut short by a
-    kill are removed first."""
-    for tmp in root.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+def latest_step(root: Path, config_hash: str) -> tuple[Path, dict] | None:
+    """The newest complete ``root/step-*`` written under ``config_hash`` and its ``state.json``; ``None`` if there is
+    none. Temporary folders of a write cut short by a kill are removed first (by worker 0)."""
+    if distributed.world().is_main:
+        for tmp in root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    distributed.barrier()
     for candidate in sorted(root.glob("step-*"), reverse=True):
-        if all((candidate / name).exists() for name in required):
-            state = torch.load(candidate / "state.pt", weights_only=False)
-            if state.get("config_hash") == config_hash:
-                return candidate, state
+        try:
+            state = json.loads((candidate / STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("config_hash") == config_hash and (candidate / TENSORS / ".metadata").is_file():
+            return candidate, state
     return None
+
+
+def load_step(folder: Path, tensors: dict) -> None:
+    """Load the tensors of the checkpoint ``folder`` into ``tensors`` in place (resharded to this number of
+    workers)."""
+    distributed.load_tensors(tensors, folder / TENSORS)

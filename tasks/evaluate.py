@@ -16,23 +16,20 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from rlhf_pipeline.models.loading import (
-    assert_same_tokenizer,
-    default_dtype,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-)
+from rlhf_pipeline.models import distributed
+from rlhf_pipeline.models.distributed import Engine
+from rlhf_pipeline.models.loading import assert_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
 from rlhf_pipeline.models.losses import lm_loss
 from rlhf_pipeline.models.policy import response_logprobs, sample_responses
 from rlhf_pipeline.models.reward_model import ScalarHeadModel
-from rlhf_pipeline.models.tokens import batched, chat_prompt_ids, pad_sequences
+from rlhf_pipeline.models.tokens import chat_prompt_ids, pad_sequences
+from rlhf_pipeline.tasks.checkpoints import step_seed
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.formats import last_user_turn
 from rlhf_pipeline.tasks.ppo import PPOConfig, pretraining_texts
 from rlhf_pipeline.tasks.progress import progress
 from rlhf_pipeline.tasks.report import plot_ppo_curves, write_html_report
-from rlhf_pipeline.tasks.stage import MetricLogger, ModelConfig, Section, StageDir, StageResult, no_log, seed_everything
+from rlhf_pipeline.tasks.stage import MetricLogger, ModelConfig, Section, StageDir, StageResult, no_log
 from rlhf_pipeline.tasks.statistics import win_rate
 
 
@@ -50,23 +47,28 @@ class EvaluateConfig(Section):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int) -> float:
-    """Token-weighted perplexity ``exp(mean NLL)`` of ``model`` on ``texts`` (each cut to ``max_tokens`` tokens).
+def perplexity(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int, engine: Engine | None = None
+               ) -> float:
+    """Token-weighted perplexity ``exp(mean NLL)`` of ``model`` on ``texts`` (each cut to ``max_tokens`` tokens); with
+    an ``engine``, in its precision and shared out over its workers.
 
     Used for the alignment tax: the change of perplexity on held-out pretraining text from SFT to PPO (InstructGPT
     §4.2 reports the regressions PPO-ptx is meant to reduce).
     """
+    engine = engine or Engine(distributed.World(), torch.float32)
     device = next(model.parameters()).device
-    total_nll, total_tokens = 0.0, 0
-    for chunk in batched(texts, batch_size):
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in chunk]
+    total_nll, total_tokens = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for idx in distributed.batches(len(texts), batch_size, engine.world):
+        ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens] for i in idx or [0]]
         input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
         input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        n = int(mask[:, 1:].sum())
-        total_nll += float(lm_loss(logits, input_ids, mask)) * n
-        total_tokens += n
-    return math.exp(total_nll / max(total_tokens, 1))
+        with engine.autocast():
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        if idx:  # a stand-in batch only keeps the workers' forward passes in step
+            n = mask[:, 1:].sum().double().cpu()
+            total_nll += lm_loss(logits, input_ids, mask).double().cpu() * n
+            total_tokens += n
+    return math.exp(float(distributed.all_reduce(total_nll)) / max(float(distributed.all_reduce(total_tokens)), 1.0))
 
 
 def _judge_verdict(informative: bool, over: bool, accuracy_ci, baseline) -> str:
@@ -151,59 +153,75 @@ def run_evaluate(
     shorter_baseline = upstream_metrics.get("reward", {}).get("accuracy_shorter_baseline")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(model_cfg.device)
-    dtype = default_dtype(device)
+    engine = Engine.create(resolve_device(model_cfg.device), model_cfg.precision)
+    device = engine.device
     tokenizer = load_tokenizer(policy_model_path)
     assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
     prompts, messages, queries = held_out_queries(cfg, model_cfg.seed, prepared_dir, tokenizer)
 
-    sft = load_causal_lm(sft_model_path, device, dtype).eval()
-    policy = load_causal_lm(policy_model_path, device, dtype).eval()
-    reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval()
+    def frozen(model):
+        return engine.prepare(model.eval().requires_grad_(False))
+
+    sft = frozen(load_causal_lm(sft_model_path, device, torch.float32))
+    policy = frozen(load_causal_lm(policy_model_path, device, torch.float32))
+    reward_model = frozen(ScalarHeadModel.from_pretrained(reward_model_path, device, torch.float32))
     judge = None
     if judge_model_path is not None:
         assert_same_tokenizer(tokenizer, load_tokenizer(judge_model_path), "policy and judge reward model")
-        judge = ScalarHeadModel.from_pretrained(judge_model_path, device, dtype).eval()
+        judge = frozen(ScalarHeadModel.from_pretrained(judge_model_path, device, torch.float32))
 
-    results = {name: {"scores": [], "judge": [], "lengths": [], "texts": []} for name in ("sft", "policy")}
-    kls: list[torch.Tensor] = []
-    batches = batched(list(range(len(queries))), cfg.batch_size)
-    with torch.no_grad(), progress("evaluate", 2 * len(batches)) as advance:
+    # each worker takes whole global batches; batch b samples from a stream seeded by (seed, b), the same for both
+    # policies and whatever the number of workers
+    mine = distributed.batches(len(queries), cfg.batch_size, engine.world)
+    found: dict[str, dict[int, tuple]] = {"sft": {}, "policy": {}}
+    with torch.no_grad(), progress("evaluate", 2 * len(mine)) as advance:
         for name, model in (("sft", sft), ("policy", policy)):
-            seed_everything(model_cfg.seed)  # both policies draw with the same random stream
-            for idx in batches:
-                rollout = sample_responses(
-                    model, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens, cfg.temperature, 0, cfg.top_p
-                )
-                scores = reward_model.score(rollout.input_ids, rollout.attention_mask)
-                mask = rollout.response_mask.float()
-                results[name]["scores"].append(scores.cpu())
-                if judge is not None:
-                    results[name]["judge"].append(judge.score(rollout.input_ids, rollout.attention_mask).cpu())
-                results[name]["lengths"].append(mask.sum(1).cpu())
-                results[name]["texts"] += tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
-                if name == "policy":
-                    args = (rollout.input_ids, rollout.attention_mask, rollout.query_length, cfg.temperature)
-                    lp_policy, _ = response_logprobs(policy, *args)
-                    lp_sft, _ = response_logprobs(sft, *args)
-                    kls.append(((lp_policy - lp_sft) * mask).sum(1).cpu())
+            for idx in mine:
+                batch = idx or [0]  # a stand-in keeps the workers' forward passes in step
+                torch.manual_seed(step_seed(model_cfg.seed, batch[0] // cfg.batch_size, "evaluate"))
+                with distributed.gathered(model), engine.autocast():
+                    rollout = sample_responses(model, tokenizer, [queries[i] for i in batch], cfg.max_new_tokens,
+                                               cfg.temperature, 0, cfg.top_p)
+                with engine.autocast():
+                    scores = reward_model.score(rollout.input_ids, rollout.attention_mask).cpu()
+                    judged = (judge.score(rollout.input_ids, rollout.attention_mask).cpu() if judge is not None
+                              else torch.full_like(scores, float("nan")))
+                    mask = rollout.response_mask.float()
+                    kl = torch.full_like(scores, float("nan"))
+                    if name == "policy":
+                        args = (rollout.input_ids, rollout.attention_mask, rollout.query_length, cfg.temperature)
+                        lp_policy, _ = response_logprobs(policy, *args)
+                        lp_sft, _ = response_logprobs(sft, *args)
+                        kl = ((lp_policy - lp_sft) * mask).sum(1).cpu()
+                texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+                for j, i in enumerate(idx):
+                    found[name][i] = (float(scores[j]), float(judged[j]), float(mask[j].sum()), texts[j], float(kl[j]))
                 advance(1)
+    results = {}
+    for name in found:
+        merged_rows: dict[int, tuple] = {}
+        for part in distributed.gather_objects(found[name]):
+            merged_rows.update(part)
+        rows = [merged_rows[i] for i in range(len(queries))]
+        results[name] = {"scores": torch.tensor([r[0] for r in rows]), "judge": torch.tensor([r[1] for r in rows]),
+                         "lengths": torch.tensor([r[2] for r in rows]), "texts": [r[3] for r in rows],
+                         "kl": torch.tensor([r[4] for r in rows])}
 
-    s_sft = torch.cat(results["sft"]["scores"])
-    s_pol = torch.cat(results["policy"]["scores"])
+    s_sft, s_pol = results["sft"]["scores"], results["policy"]["scores"]
     rate, (low, high) = win_rate(s_pol, s_sft)
     metrics = {
         "win_rate_vs_sft": rate,
         "win_rate_vs_sft_ci": [low, high],
         "mean_reward_policy": float(s_pol.mean()),
         "mean_reward_sft": float(s_sft.mean()),
-        "kl_to_sft": float(torch.cat(kls).mean()),
-        "response_length_policy": float(torch.cat(results["policy"]["lengths"]).mean()),
-        "response_length_sft": float(torch.cat(results["sft"]["lengths"]).mean()),
+        "kl_to_sft": float(results["policy"]["kl"].mean()),
+        "response_length_policy": float(results["policy"]["lengths"].mean()),
+        "response_length_sft": float(results["sft"]["lengths"].mean()),
         "num_prompts": float(len(queries)),
+        "workers": float(engine.world.size),
     }
     if judge is not None:
-        j_sft, j_pol = torch.cat(results["sft"]["judge"]), torch.cat(results["policy"]["judge"])
+        j_sft, j_pol = results["sft"]["judge"], results["policy"]["judge"]
         j_rate, (j_low, j_high) = win_rate(j_pol, j_sft)
         informative = bool(judge_accuracy_ci and shorter_baseline is not None and judge_accuracy_ci[0] > shorter_baseline)
         over = bool(metrics["mean_reward_policy"] > metrics["mean_reward_sft"] and float(j_pol.mean()) < float(j_sft.mean()))
@@ -218,8 +236,8 @@ def run_evaluate(
         )
     texts = pretraining_texts(ppo_cfg.ptx_source, prepared_dir, split="test")[: cfg.ppl_texts]
     if texts:
-        ppl_sft = perplexity(sft, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
-        ppl_policy = perplexity(policy, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size)
+        ppl_sft = perplexity(sft, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size, engine)
+        ppl_policy = perplexity(policy, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size, engine)
         metrics.update(ppl_sft=ppl_sft, ppl_policy=ppl_policy, alignment_tax_ppl=ppl_policy - ppl_sft)
     layout = StageDir(output_dir)
     samples = [{
@@ -230,14 +248,17 @@ def run_evaluate(
         "sft_reward": float(s_sft[i]),
         "policy_reward": float(s_pol[i]),
     } for i, row in enumerate(prompts.itertuples())]
-    with open(layout.samples, "w") as fh:
-        for sample in samples:
-            fh.write(json.dumps(sample) + "\n")
     metrics["wall_s"] = time.time() - start
-    paths = {"samples": str(layout.samples)}
+    paths = {"samples": str(layout.samples), "report": str(layout.report)}
     history = json.loads(Path(ppo_history).read_text()) if ppo_history and Path(ppo_history).exists() else []
     if history:
-        paths["ppo_curves"] = str(plot_ppo_curves(history, layout.ppo_curves))
-    report = write_html_report(layout.report, {**upstream_metrics, "evaluate": metrics}, history, samples)
-    paths["report"] = str(report)
+        paths["ppo_curves"] = str(layout.ppo_curves)
+    if engine.world.is_main:
+        with open(layout.samples, "w") as fh:
+            for sample in samples:
+                fh.write(json.dumps(sample) + "\n")
+        if history:
+            plot_ppo_curves(history, layout.ppo_curves)
+        write_html_report(layout.report, {**upstream_metrics, "evaluate": metrics}, history, samples)
+    distributed.barrier()
     return StageResult("evaluate", paths=paths, metrics=metrics)

@@ -16,11 +16,19 @@ One PPO step, in the order a reader expects (CleanRL-style, one function per pha
    minibatch drops the columns that are padding in all its rows (:func:`trim_padding`).
 
 Policy and value model are separate networks with their own optimisers, as in the paper (a 6B value function for the
-175B policy). Runs on CUDA in bf16 and on CPU in fp32.
+175B policy). Weights and optimizer states are fp32; compute is bf16 or fp32 (``model.precision``).
+
+On N workers (:mod:`rlhf_pipeline.models.distributed`) ``ppo.batch_size`` stays the global batch: each worker samples
+and scores its ``B / N`` episodes with the policy unsharded once for the whole rollout, the scored episodes are gathered
+so every worker holds the same global batch (advantages, whitening, the KL controller and the logged figures are those
+of the whole batch), and each minibatch of the global permutation is split over the workers, its losses divided by the
+minibatch's global token count: N workers take the updates one process takes on the same episodes. With LoRA
+(``ppo.lora.r > 0``) the reference is the policy with its adapters disabled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -28,15 +36,12 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
+from rlhf_pipeline.models import distributed
+from rlhf_pipeline.models.distributed import Engine
 from rlhf_pipeline.models.ema import EMA
 from rlhf_pipeline.models.kl_controller import AdaptiveKLController, FixedKLController
-from rlhf_pipeline.models.loading import (
-    assert_same_tokenizer,
-    default_dtype,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-)
+from rlhf_pipeline.models.loading import assert_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
+from rlhf_pipeline.models.lora import adapters_disabled, add_lora, merged
 from rlhf_pipeline.models.losses import (
     gae,
     lm_loss,
@@ -50,11 +55,12 @@ from rlhf_pipeline.models.losses import (
 from rlhf_pipeline.models.policy import Rollout, response_logprobs, sample_responses
 from rlhf_pipeline.models.reward_model import ScalarHeadModel
 from rlhf_pipeline.models.tokens import chat_prompt_ids, pad_sequences
-from rlhf_pipeline.tasks.checkpoints import latest_step_checkpoint, rng_state, save_step_checkpoint, set_rng_state
+from rlhf_pipeline.tasks.checkpoints import latest_step, load_step, save_step, step_seed
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.formats import transcript
 from rlhf_pipeline.tasks.progress import progress
 from rlhf_pipeline.tasks.stage import (
+    LoraConfig,
     MetricLogger,
     ModelConfig,
     Section,
@@ -64,6 +70,8 @@ from rlhf_pipeline.tasks.stage import (
     section_hash,
     seed_everything,
 )
+
+WEIGHTS_NAME = "model.safetensors"
 
 
 class PPOConfig(Section):
@@ -100,6 +108,8 @@ class PPOConfig(Section):
     ptx_max_tokens: int = 128
     ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints in output_dir/ppo/checkpoints (0: none)
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # LoRA on the policy and the value model; reference = adapters off
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
     @model_validator(mode="after")
     def _check_minibatches(self) -> "PPOConfig":
@@ -110,25 +120,35 @@ class PPOConfig(Section):
 
 @torch.no_grad()
 def score_rollout(
-    rollout: Rollout, policy, reference, value_model, reward_model, cfg: PPOConfig, kl_coef: float | None = None
+    rollout: Rollout, policy, reference, value_model, reward_model, cfg: PPOConfig, kl_coef: float | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, torch.Tensor]:
     """Phase 2 and 3: everything the update needs, computed once without gradients.
 
     The policy's log-probabilities come from the rollout when it carries them (``Rollout.logprobs``: read from the
     logits ``generate`` computed while sampling, see :func:`rlhf_pipeline.models.policy.sample_responses`), else from a
-    policy forward here. ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β). Returns a dict of ``[B, R]``
-    tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask`` and ``[B]`` tensors ``scores``
-    (RM score, before any penalty).
+    policy forward here. ``reference`` ``None`` means the policy with its LoRA adapters disabled (the frozen SFT
+    weights). ``kl_coef`` overrides ``cfg.kl_coef`` (the adaptive controller's current β); ``engine`` sets the compute
+    precision (default fp32).
+
+    Returns:
+        a dict of ``[B, R]`` float32 tensors ``logprobs``, ``ref_logprobs``, ``values``, ``rewards``, ``kl``, ``mask``
+        and ``[B]`` tensors ``scores`` (RM score, before any penalty).
     """
     ids, attn, p = rollout.input_ids, rollout.attention_mask, rollout.query_length
     mask = rollout.response_mask.float()
-    if rollout.logprobs is not None:
-        logprobs = rollout.logprobs
-    else:
-        logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
-    ref_logprobs, _ = response_logprobs(reference, ids, attn, p, cfg.temperature)
-    values = value_model.values(ids, attn)[:, p - 1 : -1]
-    scores = reward_model.score(ids, attn)
+    with engine.autocast() if engine is not None else contextlib.nullcontext():
+        if rollout.logprobs is not None:
+            logprobs = rollout.logprobs
+        else:
+            logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
+        if reference is None:
+            with adapters_disabled(policy):
+                ref_logprobs, _ = response_logprobs(policy, ids, attn, p, cfg.temperature)
+        else:
+            ref_logprobs, _ = response_logprobs(reference, ids, attn, p, cfg.temperature)
+        values = value_model.values(ids, attn)[:, p - 1 : -1]
+        scores = reward_model.score(ids, attn)
     penalised = scores.clone()
     if cfg.missing_eos_penalty is not None:
         penalised = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))
@@ -143,6 +163,36 @@ def score_rollout(
         "mask": mask,
         "scores": scores,
     }
+
+
+def gather_episodes(rollout: Rollout, batch: dict[str, torch.Tensor], pad_id: int) -> tuple[Rollout, dict]:
+    """Every worker's scored episodes as one global rollout in rank order (queries left-padded, responses
+    right-padded to the widest): the batch one process would hold. The identity in one process.
+
+    Args:
+        rollout: this worker's ``[b, P_r + R_r]`` episodes.
+        batch: its :func:`score_rollout` tensors (``[b, R_r]`` and ``[b]``).
+        pad_id: the tokenizer's pad id.
+
+    Returns:
+        ``(rollout [B, P + R], batch)`` with ``B`` the sum of the workers' ``b``.
+    """
+    if distributed.world().size == 1:
+        return rollout, batch
+    p = rollout.query_length
+    queries = distributed.gather_rows(rollout.input_ids[:, :p], pad_id, left=True)
+    query_mask = distributed.gather_rows(rollout.attention_mask[:, :p], 0, left=True)
+    responses = distributed.gather_rows(rollout.responses, pad_id)
+    response_mask = distributed.gather_rows(rollout.response_mask, 0)
+    full = Rollout(
+        input_ids=torch.cat([queries, responses], 1),
+        attention_mask=torch.cat([query_mask, response_mask], 1),
+        query_length=queries.shape[1],
+        response_mask=response_mask,
+        ended=distributed.gather_rows(rollout.ended),
+        logprobs=distributed.gather_rows(rollout.logprobs) if rollout.logprobs is not None else None,
+    )
+    return full, {key: distributed.gather_rows(value, 0) for key, value in batch.items()}
 
 
 def trim_padding(
@@ -164,6 +214,11 @@ def trim_padding(
     return input_ids[:, first:end], attention_mask[:, first:end], query_length - first, width
 
 
+def _norm(value) -> float:
+    """A gradient norm as a float (FSDP returns a DTensor)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
 def ppo_update(
     rollout: Rollout,
     batch: dict[str, torch.Tensor],
@@ -176,12 +231,22 @@ def ppo_update(
     cfg: PPOConfig,
     generator: torch.Generator,
     ptx_batches=None,
+    engine: Engine | None = None,
 ) -> dict[str, float]:
     """Phase 5: ``ppo_epochs`` passes of minibatch updates; returns the mean of each statistic over minibatches.
 
-    With ``ptx_batches`` (an iterator of ``(input_ids, attention_mask)`` of pretraining text) and ``cfg.ptx_coef > 0``
-    the policy loss gains ``ptx_coef`` times the LM loss on one such batch per minibatch (PPO-ptx, InstructGPT eq. 2).
+    ``rollout``, ``batch``, ``advantages`` and ``returns`` are the *global* batch (the same on every worker); each
+    minibatch of the permutation drawn from ``generator`` (the same on every worker) is split over the workers, and
+    its losses are divided by its global number of response tokens and multiplied by the number of workers (FSDP
+    averages gradients), so N workers take the step one process takes. With ``ptx_batches`` (an iterator of global
+    ``(input_ids, attention_mask)`` batches of pretraining text) and ``cfg.ptx_coef > 0`` the policy loss gains
+    ``ptx_coef`` times the LM loss on one such batch per minibatch (PPO-ptx, InstructGPT eq. 2).
+
+    Raises:
+        ValueError: when a minibatch or a PPO-ptx batch does not split evenly over the workers.
     """
+    engine = engine or Engine(distributed.World(), torch.float32)
+    here = engine.world
     n = rollout.input_ids.shape[0]
     stats: dict[str, list[float]] = {}
     policy.train()
@@ -189,47 +254,59 @@ def ppo_update(
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.mini_batch_size):
-            idx = order[start : start + cfg.mini_batch_size].to(rollout.input_ids.device)
+            minibatch = order[start : start + cfg.mini_batch_size]
+            idx = minibatch[here.rows(len(minibatch), "ppo.mini_batch_size")].to(rollout.input_ids.device)
             ids, attn, p, r = trim_padding(rollout.input_ids[idx], rollout.attention_mask[idx],
                                            rollout.query_length, rollout.response_mask[idx])
             mask = batch["mask"][idx, :r]
-            logprobs, entropy = response_logprobs(policy, ids, attn, p, cfg.temperature, with_entropy=True)
+            tokens = distributed.all_reduce(mask.sum()) if here.size > 1 else None
+            with engine.autocast():
+                logprobs, entropy = response_logprobs(policy, ids, attn, p, cfg.temperature, with_entropy=True)
+                values = value_model.values(ids, attn)[:, p - 1 : -1]
             pg_loss, pg_stats = ppo_policy_loss(logprobs, batch["logprobs"][idx, :r], advantages[idx, :r], mask,
-                                                cfg.clip_range)
-            values = value_model.values(ids, attn)[:, p - 1 : -1]
+                                                cfg.clip_range, num_tokens=tokens)
             vf_loss, vf_stats = ppo_value_loss(values, batch["values"][idx, :r], returns[idx, :r], mask,
-                                               cfg.clip_range_value)
+                                               cfg.clip_range_value, num_tokens=tokens)
 
             loss = pg_loss
             ptx = None
             if ptx_batches is not None and cfg.ptx_coef > 0:
                 ptx_ids, ptx_mask = next(ptx_batches)
-                ptx_out = policy(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False)
-                ptx = lm_loss(ptx_out.logits, ptx_ids, ptx_mask)
+                rows = here.rows(ptx_ids.shape[0], "ppo.ptx_batch_size")
+                ptx_ids, ptx_mask = ptx_ids[rows], ptx_mask[rows]
+                ptx_tokens = distributed.all_reduce(ptx_mask[:, 1:].sum()) if here.size > 1 else None
+                with engine.autocast():
+                    ptx_logits = policy(input_ids=ptx_ids, attention_mask=ptx_mask, use_cache=False).logits
+                ptx = lm_loss(ptx_logits, ptx_ids, ptx_mask, num_tokens=ptx_tokens)
                 loss = pg_loss + cfg.ptx_coef * ptx
 
             policy_opt.zero_grad()
-            loss.backward()
-            pg_grad = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            (loss * here.size).backward()
+            pg_grad = _norm(torch.nn.utils.clip_grad_norm_(_trainable(policy), cfg.max_grad_norm))
             policy_opt.step()
             value_opt.zero_grad()
-            (cfg.vf_coef * vf_loss).backward()
-            torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.max_grad_norm)
+            (cfg.vf_coef * vf_loss * here.size).backward()
+            torch.nn.utils.clip_grad_norm_(_trainable(value_model), cfg.max_grad_norm)
             value_opt.step()
 
-            for key, value in {
+            partial = {  # each worker's share of a mean over the minibatch's global tokens: they add up
                 "policy_loss": pg_loss,
                 "value_loss": vf_loss,
-                "entropy": masked_mean(entropy, mask),
-                "grad_norm": pg_grad,
+                "entropy": masked_mean(entropy, mask, total=tokens),
                 **pg_stats,
                 **vf_stats,
                 **({"ptx_loss": ptx} if ptx is not None else {}),
-            }.items():
-                stats.setdefault(key, []).append(float(value.detach()) if torch.is_tensor(value) else float(value))
+            }
+            for key, value in partial.items():
+                stats.setdefault(key, []).append(float(distributed.all_reduce(value.detach().float())))
+            stats.setdefault("grad_norm", []).append(pg_grad)
     policy.eval()
     value_model.eval()
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def pretraining_texts(source: str, prepared_dir: str | Path, split: str = "train") -> list[str]:
@@ -283,31 +360,26 @@ class _Counting:
         return next(self.iterator)
 
 
-def save_checkpoint(output_dir: Path, step: int, policy, value_model, state: dict, keep: int = 1) -> Path:
-    """Write ``output_dir/checkpoints/step-NNNNNN`` atomically
-    (:func:`rlhf_pipeline.tasks.checkpoints.save_step_checkpoint`): policy and value model (safetensors), optimisers,
-    RNG states, data position, KL coefficient, EMA weights and the step history. Older checkpoints beyond the last
-    ``keep`` are removed."""
-
-    def write(folder: Path) -> None:
-        policy.save_pretrained(folder / "policy", safe_serialization=True)
-        value_model.save_pretrained(folder / "value")
-
-    return save_step_checkpoint(StageDir(output_dir).checkpoints, step, write, state, keep)
-
-
-def latest_checkpoint(output_dir: Path, config_hash: str) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint of this configuration in ``output_dir`` and its loaded state (``None`` if there
-    is none)."""
-    return latest_step_checkpoint(StageDir(output_dir).checkpoints, config_hash)
+def prompt_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The global batch of prompt indices of PPO step ``step`` (1-based): consecutive slices of a stream of seeded
+    permutations of the ``n`` prompts, one permutation per pass over them (no state to carry across a resume)."""
+    start, picked = (step - 1) * batch_size, []
+    epoch, position = divmod(start, n)
+    while len(picked) < batch_size:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, "prompts"))).tolist()
+        picked += perm[position : position + batch_size - len(picked)]
+        epoch, position = epoch + 1, 0
+    return picked
 
 
 def adamw(params, lr: float) -> torch.optim.AdamW:
     """AdamW (eps 1e-5, no weight decay) with torch's fused single-pass kernel where it exists (CPU and CUDA floating
-    point parameters; what transformers' Trainer, and so TRL, uses by default), else the per-tensor loop. The same
-    update rule either way; the fused kernel reads and writes each parameter's state once instead of once per op."""
+    point parameters; what transformers' Trainer, and so TRL, uses by default), else the per-tensor loop (sharded
+    DTensor parameters). The same update rule either way; the fused kernel reads and writes each parameter's state
+    once instead of once per op."""
     params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point and type(p) is torch.nn.Parameter
+                for p in params)
     return torch.optim.AdamW(params, lr=lr, eps=1e-5, weight_decay=0.0, fused=fused or None)
 
 
@@ -315,6 +387,40 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     """``1 − Var[R − V] / Var[R]`` over the masked tokens (1 is perfect, ≤ 0 is no better than a constant)."""
     var_returns = masked_var(returns, mask)
     return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+def build_policy(path: str | Path, cfg: PPOConfig, device: torch.device):
+    """The policy before training: the SFT model in fp32 (the master weights), with LoRA adapters when
+    ``ppo.lora.r > 0``."""
+    policy = load_causal_lm(path, device, torch.float32)
+    if cfg.lora.r:
+        policy = add_lora(policy, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    return policy
+
+
+def build_value_model(path: str | Path, cfg: PPOConfig, device: torch.device) -> ScalarHeadModel:
+    """The value model before training: the reward model in fp32 (InstructGPT §3.5: the value function is initialised
+    from the RM), with LoRA adapters (and its head trained whole) when ``ppo.lora.r > 0``."""
+    value_model = ScalarHeadModel.from_pretrained(path, device, torch.float32)
+    if cfg.lora.r:
+        value_model.seq_cls = add_lora(value_model.seq_cls, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                                       cfg.lora.target_modules, scalar_head=True)
+    return value_model
+
+
+def _save_policy(policy, engine: Engine, path: str | Path, cfg: PPOConfig, folder: Path, tokenizer) -> None:
+    """Write the trained policy as a plain transformers folder (LoRA merged, fp32) on worker 0."""
+    if not distributed.is_wrapped(policy):
+        merged(policy).save_pretrained(folder, safe_serialization=True)
+    else:
+        state = distributed.full_state_dict(policy)
+        if engine.world.is_main:
+            plain = build_policy(path, cfg, torch.device("cpu"))
+            plain.load_state_dict(state)
+            merged(plain).save_pretrained(folder, safe_serialization=True)
+    if engine.world.is_main:
+        tokenizer.save_pretrained(folder)
+    distributed.barrier()
 
 
 def run_ppo(
@@ -330,7 +436,7 @@ def run_ppo(
 
     Args:
         cfg: the ``ppo`` section.
-        model_cfg: the ``model`` section (seed, device).
+        model_cfg: the ``model`` section (seed, device, precision).
         prepared_dir: folder with ``prompts.parquet`` (train prompts are used).
         sft_model_path: initialises the policy and the frozen reference model.
         reward_model_path: the RM (frozen) and the value model's initialisation.
@@ -341,21 +447,25 @@ def run_ppo(
     Returns:
         StageResult with ``paths.model`` and metrics ``kl`` (mean summed per-token KL to the reference over the last
         step, nats), ``mean_reward`` (mean RM score of the last step's rollouts), ``mean_reward_first`` (the same at step
-        1), ``mean_total_reward``, ``response_length``, ``episodes``, ``steps``, ``wall_s``.
+        1), ``mean_total_reward``, ``response_length``, ``episodes``, ``steps``, ``workers``, ``wall_s``.
 
-    Checkpoints (``ppo.checkpoint_every`` > 0) go to ``output_dir/checkpoints``; a later call with the same
-    configuration, inputs and ``output_dir`` resumes from the newest one (models, optimisers, RNG states, prompt order,
-    KL coefficient, EMA, PPO-ptx position, history) and ends with the same metrics as an uninterrupted run on CPU.
+    Checkpoints (``ppo.checkpoint_every`` > 0) go to ``output_dir/checkpoints`` (:mod:`rlhf_pipeline.tasks.checkpoints`:
+    sharded weights and optimizer states, the EMA, the step, KL coefficient, PPO-ptx position and history); a later
+    call with the same configuration, inputs and ``output_dir`` resumes from the newest one, on any number of workers,
+    and with the same number ends with the same metrics as an uninterrupted run on CPU.
 
     Raises:
-        ValueError: when policy and reward model do not share a tokenizer, or there are no train prompts.
+        ValueError: when policy and reward model do not share a tokenizer, there are no train prompts, or a batch does
+            not split over the workers.
     """
     start = time.time()
     output_dir = Path(output_dir)
     seed = model_cfg.seed
     seed_everything(seed)
-    device = resolve_device(model_cfg.device)
-    dtype = default_dtype(device)
+    engine = Engine.create(resolve_device(model_cfg.device), model_cfg.precision)
+    here, device = engine.world, engine.device
+    local = here.rows(cfg.batch_size, "ppo.batch_size")
+    here.rows(cfg.mini_batch_size, "ppo.mini_batch_size")
 
     tokenizer = load_tokenizer(sft_model_path)
     assert_same_tokenizer(tokenizer, load_tokenizer(reward_model_path), "policy and reward model")
@@ -364,41 +474,41 @@ def run_ppo(
         raise ValueError(f"no train prompts in {prepared_dir}")
     queries = [chat_prompt_ids(tokenizer, list(p), cfg.max_prompt_tokens) for p in prompts.prompt]
 
-    # a checkpoint of the same configuration and inputs in output_dir is resumed (ppo.checkpoint_every > 0)
-    config_hash = f"{section_hash(cfg)}:{seed}:{sft_model_path}:{reward_model_path}"
-    found = latest_checkpoint(output_dir, config_hash) if cfg.checkpoint_every > 0 else None
-    resume, state = found if found else (None, None)
-    policy = load_causal_lm(resume / "policy" if resume else sft_model_path, device, dtype)
-    reference = load_causal_lm(sft_model_path, device, dtype).eval().requires_grad_(False)
-    reward_model = ScalarHeadModel.from_pretrained(reward_model_path, device, dtype).eval().requires_grad_(False)
-    value_model = ScalarHeadModel.from_pretrained(resume / "value" if resume else reward_model_path, device, dtype)
+    policy = engine.prepare(build_policy(sft_model_path, cfg, device), cfg.activation_checkpointing)
+    reference = None  # LoRA: the policy with its adapters disabled
+    if not cfg.lora.r:
+        reference = engine.prepare(load_causal_lm(sft_model_path, device, torch.float32).eval().requires_grad_(False))
+    reward_model = engine.prepare(
+        ScalarHeadModel.from_pretrained(reward_model_path, device, torch.float32).eval().requires_grad_(False))
+    value_model = engine.prepare(build_value_model(reward_model_path, cfg, device), cfg.activation_checkpointing)
     policy.eval()
     value_model.eval()
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy_opt = adamw(policy.parameters(), cfg.learning_rate)
-    value_opt = adamw(value_model.parameters(), cfg.value_learning_rate)
+    policy_opt = adamw(_trainable(policy), cfg.learning_rate)
+    value_opt = adamw(_trainable(value_model), cfg.value_learning_rate)
 
     # the rollout's old log-probabilities come from generate's logits (no policy forward in scoring) in fp32, where
     # the cached incremental pass and a full-sequence pass agree to 2e-5 nats a token or better (SmolLM2: mean
-    # 2.5e-6); in bf16 (CUDA) they round differently by far more, which would show up as spurious KL to the
-    # reference and ratios != 1 at step 1, so there the separate forward stays
-    logprobs_from_generate = dtype == torch.float32
-    generator = torch.Generator().manual_seed(seed)
+    # 2.5e-6); in bf16 they round differently by far more, which would show up as spurious KL to the reference and
+    # ratios != 1 at step 1, so there the separate forward stays
+    logprobs_from_generate = engine.dtype == torch.float32
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(cfg.kl_coef))
     ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
-    order: list[int] = []
     history: list[dict[str, float]] = []
-    first_step = 1
-    if state is not None:
-        policy_opt.load_state_dict(state["policy_opt"])
-        value_opt.load_state_dict(state["value_opt"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+    first_step, ptx_drawn = 1, 0
+
+    # a checkpoint of the same configuration and inputs in output_dir is resumed (ppo.checkpoint_every > 0)
+    config_hash = f"{section_hash(cfg)}:{seed}:{model_cfg.precision}:{sft_model_path}:{reward_model_path}"
+    checkpoints = StageDir(output_dir).checkpoints
+    found = latest_step(checkpoints, config_hash) if cfg.checkpoint_every > 0 else None
+    if found is not None:
+        folder, state = found
+        tensors = _checkpoint_tensors(policy, policy_opt, value_model, value_opt, ema)
+        load_step(folder, tensors)
+        _restore(tensors, policy, policy_opt, value_model, value_opt, ema)
         kl_ctl.value = state["kl_coef"]
-        if ema is not None:
-            ema.shadow = state["ema"]
-        order, history, first_step = state["order"], state["history"], state["step"] + 1
+        history, first_step, ptx_drawn = state["history"], state["step"] + 1, state["ptx_drawn"]
         for step, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
             log(figures, step)
     ptx_batches = None
@@ -406,26 +516,27 @@ def run_ppo(
         ptx_batches = _Counting(pretraining_batches(pretraining_texts(cfg.ptx_source, prepared_dir), tokenizer,
                                                     cfg.ptx_batch_size, cfg.ptx_max_tokens,
                                                     torch.Generator().manual_seed(seed + 1), device),
-                                skip=state["ptx_drawn"] if state else 0)
+                                skip=ptx_drawn)
     with progress("PPO", cfg.steps) as advance:
         if first_step > 1:
             advance(first_step - 1)
         for step in range(first_step, cfg.steps + 1):
-            while len(order) < cfg.batch_size:
-                order += torch.randperm(len(queries), generator=generator).tolist()
-            picked, order = order[: cfg.batch_size], order[cfg.batch_size :]
-
-            rollout = sample_responses(
-                policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                cfg.top_p, with_logprobs=logprobs_from_generate,
-            )
+            picked = prompt_indices(step, cfg.batch_size, len(queries), seed)[local]
+            torch.manual_seed(step_seed(seed, step, "sample", here.rank))
+            with torch.no_grad(), distributed.gathered(policy), engine.autocast():
+                rollout = sample_responses(policy, tokenizer, [queries[i] for i in picked], cfg.max_new_tokens,
+                                           cfg.temperature, cfg.top_k, cfg.top_p,
+                                           with_logprobs=logprobs_from_generate)
             beta = kl_ctl.value
-            batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg, kl_coef=beta)
+            batch = score_rollout(rollout, policy, reference, value_model, reward_model, cfg, kl_coef=beta,
+                                  engine=engine)
+            rollout, batch = gather_episodes(rollout, batch, tokenizer.pad_token_id)
             advantages, returns = gae(batch["rewards"], batch["values"], batch["mask"], cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:
                 advantages = masked_whiten(advantages, batch["mask"])
+            generator = torch.Generator().manual_seed(step_seed(seed, step, "minibatches"))
             update = ppo_update(rollout, batch, advantages, returns, policy, value_model, policy_opt, value_opt, cfg,
-                                generator, ptx_batches)
+                                generator, ptx_batches, engine)
             if ema is not None:
                 ema.update(policy)
 
@@ -448,22 +559,18 @@ def run_ppo(
             log(figures, step)
             advance(1, score=figures["ppo/score"], kl=figures["ppo/kl"], clip=figures["ppo/clipfrac"])
             if cfg.checkpoint_every > 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(output_dir, step, policy, value_model, {
-                    "config_hash": config_hash, "step": step, "order": order, "history": history,
-                    "generator": generator.get_state(), "rng": rng_state(), "kl_coef": kl_ctl.value,
-                    "policy_opt": policy_opt.state_dict(), "value_opt": value_opt.state_dict(),
-                    "ema": ema.shadow if ema is not None else None,
-                    "ptx_drawn": ptx_batches.count if ptx_batches is not None else 0,
-                })
+                save_step(checkpoints, step, _checkpoint_tensors(policy, policy_opt, value_model, value_opt, ema), {
+                    "config_hash": config_hash, "step": step, "history": history, "kl_coef": kl_ctl.value,
+                    "ptx_drawn": ptx_batches.count if ptx_batches is not None else 0, "workers": here.size,
+                }, keep=1)
 
     if ema is not None:
         ema.copy_to(policy)
     layout = StageDir(output_dir)
-    model_dir = layout.model
-    layout.root.mkdir(parents=True, exist_ok=True)
-    layout.history.write_text(json.dumps(history, indent=1))
-    policy.to(torch.float32).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    if here.is_main:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        layout.history.write_text(json.dumps(history, indent=1))
+    _save_policy(policy, engine, sft_model_path, cfg, layout.model, tokenizer)
     last, first = history[-1], history[0]
     metrics = {
         "kl": last["ppo/kl"],
@@ -476,7 +583,33 @@ def run_ppo(
         "episodes": float(cfg.steps * cfg.batch_size),
         "steps": float(cfg.steps),
         "resumed_from_step": float(first_step - 1),
+        "workers": float(here.size),
         "wall_s": time.time() - start,
     }
-    return StageResult("ppo", paths={"model": str(model_dir), "history": str(layout.history)},
+    return StageResult("ppo", paths={"model": str(layout.model), "history": str(layout.history)},
                        metrics=metrics)
+
+
+def _checkpoint_tensors(policy, policy_opt, value_model, value_opt, ema: EMA | None) -> dict:
+    """What a PPO checkpoint holds as tensors: the trainable weights and optimizer states of the policy and the value
+    model (sharded when the models are; frozen LoRA base weights are left out), and the EMA shadow."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    tensors = {}
+    for name, model, optimizer in (("policy", policy, policy_opt), ("value", value_model, value_opt)):
+        tensors[name], tensors[f"{name}_opt"] = get_state_dict(model, optimizer, options=options)
+    if ema is not None:
+        tensors["ema"] = ema.shadow
+    return tensors
+
+
+def _restore(tensors: dict, policy, policy_opt, value_model, value_opt, ema: EMA | None) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    for name, model, optimizer in (("policy", policy, policy_opt), ("value", value_model, value_opt)):
+        set_state_dict(model, optimizer, model_state_dict=tensors[name], optim_state_dict=tensors[f"{name}_opt"],
+                       options=options)
+    if ema is not None:
+        ema.shadow = tensors["ema"]

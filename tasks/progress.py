@@ -12,9 +12,15 @@ def progress(description: str, total: int | None, every_s: float = 10.0):
 
     On a terminal it is a live rich progress bar; otherwise (logs, CI, Prefect workers) one line is printed at most
     every ``every_s`` seconds and at the end. Yields ``advance(n=1, **figures)``; figures (loss, reward...) are shown
-    beside the count.
+    beside the count. Only worker 0 of a distributed run shows it.
     """
     from rich.console import Console
+
+    from rlhf_pipeline.models.distributed import world
+
+    if not world().is_main:
+        yield lambda n=1, **figures: None
+        return
 
     console = Console(stderr=True, soft_wrap=True)
 

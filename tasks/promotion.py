@@ -26,19 +26,15 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from rlhf_pipeline.models.loading import (
-    assert_same_tokenizer,
-    default_dtype,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-)
+from rlhf_pipeline.models.distributed import Engine
+from rlhf_pipeline.models.loading import assert_same_tokenizer, load_causal_lm, load_tokenizer, resolve_device
 from rlhf_pipeline.models.policy import sample_responses
 from rlhf_pipeline.models.reward_model import ScalarHeadModel
 from rlhf_pipeline.models.tokens import batched
+from rlhf_pipeline.tasks.checkpoints import step_seed
 from rlhf_pipeline.tasks.evaluate import EvaluateConfig, held_out_queries
 from rlhf_pipeline.tasks.progress import progress
-from rlhf_pipeline.tasks.stage import ModelConfig, Section, seed_everything
+from rlhf_pipeline.tasks.stage import ModelConfig, Section
 from rlhf_pipeline.tasks.statistics import win_rate
 
 
@@ -118,7 +114,8 @@ def win_rate_vs_champion(
 ) -> dict:
     """The challenger policy against the champion policy on the evaluation prompts under the judge RM.
 
-    Both policies sample with ``evaluate``'s settings from the same seed; the judge scores each ``(prompt, response)``.
+    Both policies sample with ``evaluate``'s settings, batch ``b`` from a stream seeded by ``(seed, b)`` as in the
+    evaluation; the judge scores each ``(prompt, response)``. It runs in the flow's process, in ``model.precision``.
 
     Returns:
         ``win_rate_vs_champion`` (ties count half), ``win_rate_vs_champion_ci`` (95% Wilson),
@@ -127,24 +124,25 @@ def win_rate_vs_champion(
     Raises:
         ValueError: when the policies or the judge do not share a tokenizer, or there are no test prompts.
     """
-    device = resolve_device(model_cfg.device)
-    dtype = default_dtype(device)
+    engine = Engine.create(resolve_device(model_cfg.device), model_cfg.precision)
+    device = engine.device
     tokenizer = load_tokenizer(challenger_path)
     assert_same_tokenizer(tokenizer, load_tokenizer(champion_path), "challenger and champion policies")
     assert_same_tokenizer(tokenizer, load_tokenizer(judge_path), "challenger policy and judge reward model")
     _, _, queries = held_out_queries(cfg, model_cfg.seed, prepared_dir, tokenizer)
-    judge = ScalarHeadModel.from_pretrained(judge_path, device, dtype).eval()
+    judge = ScalarHeadModel.from_pretrained(judge_path, device, torch.float32).eval()
     scores: dict[str, torch.Tensor] = {}
     batches = batched(list(range(len(queries))), cfg.batch_size)
     with progress("challenger vs champion", 2 * len(batches)) as advance:
         for name, path in (("challenger", challenger_path), ("champion", champion_path)):
-            policy = load_causal_lm(path, device, dtype).eval()
-            seed_everything(model_cfg.seed)
+            policy = load_causal_lm(path, device, torch.float32).eval()
             chunks = []
-            for idx in batches:
-                rollout = sample_responses(policy, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens,
-                                           cfg.temperature, 0, cfg.top_p)
-                chunks.append(judge.score(rollout.input_ids, rollout.attention_mask).float().cpu())
+            for b, idx in enumerate(batches):
+                torch.manual_seed(step_seed(model_cfg.seed, b, "evaluate"))
+                with engine.autocast():
+                    rollout = sample_responses(policy, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens,
+                                               cfg.temperature, 0, cfg.top_p)
+                    chunks.append(judge.score(rollout.input_ids, rollout.attention_mask).float().cpu())
                 advance(1)
             scores[name] = torch.cat(chunks)
             del policy

@@ -15,27 +15,35 @@ Held-out accuracy is reported with a 95% Wilson interval next to the trivial bas
 The fine-tuning modes write resumable checkpoints when ``reward.checkpoint_every`` > 0
 (``output_dir/checkpoints/{model,judge}/step-NNNNNN``); a rerun with the same configuration, inputs and ``output_dir``
 resumes from the newest and ends with the same models and metrics as an uninterrupted run.
+
+In ``full`` mode ``reward.lora.r > 0`` trains LoRA adapters and the whole head instead of every weight; the saved model
+has the adapters merged. On N workers (:mod:`rlhf_pipeline.models.distributed`) the fine-tuning modes split each step's
+prompts over the workers (the models sharded with FSDP2), and the head mode extracts features data-parallel; every
+worker then holds the same features, so the head fit is the single-process one.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhf_pipeline.models.loading import default_dtype, load_tokenizer, resolve_device
+from rlhf_pipeline.models import distributed
+from rlhf_pipeline.models.distributed import Engine
+from rlhf_pipeline.models.loading import load_tokenizer, resolve_device
+from rlhf_pipeline.models.lora import add_lora
 from rlhf_pipeline.models.losses import ranking_accuracy, ranking_loss
 from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
 from rlhf_pipeline.models.tokens import encode_pair, pad_sequences
-from rlhf_pipeline.tasks.checkpoints import latest_step_checkpoint, rng_state, save_step_checkpoint, set_rng_state
+from rlhf_pipeline.tasks.checkpoints import latest_step, load_step, save_step, step_seed
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.progress import progress
 from rlhf_pipeline.tasks.stage import (
+    LoraConfig,
     MetricLogger,
     ModelConfig,
     Section,
@@ -69,6 +77,15 @@ class RewardConfig(Section):
     # steps between resumable checkpoints of the fine-tuning modes (full, top_layers) in
     # output_dir/reward/checkpoints/{model,judge}/step-N (0: none); a rerun with the same output_dir resumes
     checkpoint_every: int = Field(0, ge=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # LoRA adapters in full mode (r = 0: train every weight)
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "RewardConfig":
+        if self.lora.r and self.mode != "full":
+            raise ValueError(f"reward.lora.r > 0 needs reward.mode 'full' (got '{self.mode}': the head mode fits a head "
+                             "on frozen features, top_layers fine-tunes whole blocks)")
+        return self
 
 
 def shorter_wins_accuracy(responses: list[list[str]]) -> float:
@@ -152,72 +169,75 @@ def choose_head_l2(
     return best, scores
 
 
-def save_reward_checkpoint(root: Path, step: int, model: ScalarHeadModel, state: dict, keep: int = 2) -> Path:
-    """Write ``root/step-NNNNNN`` atomically (:func:`rlhf_pipeline.tasks.checkpoints.save_step_checkpoint`): the model's weights
-    (``model.safetensors``) and ``state.pt`` (optimizer, scheduler, RNG states, the permutation generator, epoch and
-    position in the epoch's permutation, per-step history, configuration hash). Only the newest ``keep`` are kept."""
-    from safetensors.torch import save_model
+def build_reward_model(path: str | Path, cfg: RewardConfig, device: torch.device) -> ScalarHeadModel:
+    """The reward model before training: ``path`` (the SFT model, or a saved RM) with a scalar head, in fp32 (the
+    master weights); in ``top_layers`` mode only the top ``reward.top_layers`` blocks, the final norm and the head are
+    trainable; with ``reward.lora.r > 0`` (``full`` mode) LoRA adapters and the whole head train."""
+    model = ScalarHeadModel.from_pretrained(path, device, torch.float32)
+    if cfg.mode == "top_layers":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for module in (*list(model.backbone.layers)[-cfg.top_layers :], model.backbone.norm, model.head):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    elif cfg.mode == "full" and cfg.lora.r:
+        model.seq_cls = add_lora(model.seq_cls, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
+                                 scalar_head=True)
+    return model
 
-    return save_step_checkpoint(root, step, lambda folder: save_model(model, str(folder / "model.safetensors")),
-                                state, keep)
+
+def _lr_factor(step: int, total: int) -> float:
+    """Cosine decay from 1 to 0.1 of the peak learning rate over ``total`` steps (InstructGPT App. C.2)."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
-def latest_reward_checkpoint(root: Path, config_hash: str) -> tuple[Path, dict] | None:
-    """The newest checkpoint in ``root`` written under ``config_hash`` and its loaded ``state.pt`` (``None`` if there
-    is none). Temporary folders of a write cut short by a kill are removed."""
-    return latest_step_checkpoint(root, config_hash, required=("state.pt", "model.safetensors"))
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of the train rows for ``epoch`` (no generator state to carry across a resume)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, epoch, "reward"))).tolist()
 
 
 def _train_finetune(
-    model: ScalarHeadModel, tokenizer, train, cfg: RewardConfig, seed: int, log: MetricLogger,
+    model: ScalarHeadModel, tokenizer, train, cfg: RewardConfig, seed: int, log: MetricLogger, engine: Engine,
     checkpoint_root: Path | None = None, config_hash: str = "",
 ) -> dict[str, float]:
-    """Fine-tune (all or the top layers) with the ranking loss; one batch element = all K responses of one prompt.
+    """Fine-tune (all, the top layers, or LoRA adapters) with the ranking loss; one batch element = all K responses of
+    one prompt, ``reward.batch_size`` prompts a step.
+
+    On N workers each takes its share of a step's prompts (a worker left without one runs a stand-in with weight 0),
+    and the loss is the sum of its prompts' ranking losses divided by the step's prompt count, times N (FSDP averages
+    gradients): N workers take the step one process takes.
 
     With ``checkpoint_root`` and ``reward.checkpoint_every`` > 0 a checkpoint is written every that many steps and
-    after the last one (:func:`save_reward_checkpoint`), and training resumes from the newest one of ``config_hash``
-    found there: weights, optimizer, scheduler, RNG states, the epoch's permutation and the position in it, and the
-    per-step history (replayed to ``log``). A checkpoint after the last step trains nothing and returns the same
-    figures.
+    after the last one (:mod:`rlhf_pipeline.tasks.checkpoints`), and training resumes from the newest one of
+    ``config_hash`` found there: weights and optimizer state (sharded), the step (data order and learning rate follow
+    from it) and the per-step history (replayed to ``log``). A checkpoint after the last step trains nothing and
+    returns the same figures.
 
     Returns:
         ``train_loss`` and ``train_accuracy`` (means over all steps), ``steps`` and ``resumed_from_step`` (0 when
         fresh).
     """
-    if cfg.mode == "top_layers":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        layers = model.backbone.layers
-        for layer in list(layers)[-cfg.top_layers :]:
-            for p in layer.parameters():
-                p.requires_grad_(True)
-        for module in (model.backbone.norm, model.head):
-            for p in module.parameters():
-                p.requires_grad_(True)
+    here = engine.world
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     rows = list(train.itertuples())
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / total)))
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    device = engine.device
     checkpoints = checkpoint_root is not None and cfg.checkpoint_every > 0
     config_hash = f"{config_hash}:{len(rows)}"
     history: list[dict[str, float]] = []
-    step, first_epoch, position, order = 0, 0, 0, None
-    found = latest_reward_checkpoint(checkpoint_root, config_hash) if checkpoints else None
+    step = 0
+    found = latest_step(checkpoint_root, config_hash) if checkpoints else None
     if found is not None:
-        from safetensors.torch import load_model
-
         folder, state = found
-        load_model(model, str(folder / "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
-        step, first_epoch, position, order = state["step"], state["epoch"], state["position"], state["order"]
-        history = state["history"]
+        tensors = _checkpoint_tensors(model, optimizer)
+        load_step(folder, tensors)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        step, history = state["step"], state["history"]
         for i, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
             log(figures, i)
     resumed_from = step
@@ -225,47 +245,57 @@ def _train_finetune(
     with progress("reward model", total) as advance:
         if step:
             advance(step)
-        for epoch in range(first_epoch, cfg.epochs):
-            if order is None:
-                order = torch.randperm(len(rows), generator=generator).tolist()
-            for start in range(position, len(order), cfg.batch_size):
-                batch = [rows[i] for i in order[start : start + cfg.batch_size]]
-                k = max(len(r.responses) for r in batch)
-                seqs = []
-                for r in batch:
-                    resp = list(r.responses) + [r.responses[-1]] * (k - len(r.responses))
-                    seqs += [encode_pair(tokenizer, list(r.prompt), text, cfg.max_length) for text in resp]
-                ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="right")
-                rewards = model.score(ids.to(device), mask.to(device)).view(len(batch), k)
-                num = torch.tensor([len(r.responses) for r in batch], device=device)
-                loss = ranking_loss(rewards, num)
-                optimizer.zero_grad()
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                acc = float(ranking_accuracy(rewards.detach()).mean())
-                loss_value = loss.item()
-                figures = {"reward/loss": loss_value, "reward/accuracy": acc, "reward/grad_norm": grad_norm,
-                           "reward/learning_rate": scheduler.get_last_lr()[0]}
-                history.append(figures)
-                log(figures, step)
-                advance(1, loss=loss_value, acc=acc)
-                if checkpoints and (step % cfg.checkpoint_every == 0 or step == total):
-                    done = start + cfg.batch_size >= len(order)  # the epoch's last batch: the next one starts afresh
-                    save_reward_checkpoint(checkpoint_root, step, model, {
-                        "config_hash": config_hash, "step": step, "history": history,
-                        "epoch": epoch + 1 if done else epoch, "position": 0 if done else start + cfg.batch_size,
-                        "order": None if done else order, "generator": generator.get_state(), "rng": rng_state(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    })
-            order, position = None, 0
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            order = _epoch_order(len(rows), seed, epoch)
+            batch = [rows[i] for i in order[position * cfg.batch_size : (position + 1) * cfg.batch_size]]
+            mine = [batch[i] for i in range(here.rank, len(batch), here.size)] or batch[:1]
+            weight = len(mine) / len(batch) if len(batch) > here.rank else 0.0  # a stand-in counts for nothing
+            torch.manual_seed(step_seed(seed, step, "reward", here.rank))
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * _lr_factor(step, total)
+            k = max(len(r.responses) for r in mine)
+            seqs = []
+            for r in mine:
+                resp = list(r.responses) + [r.responses[-1]] * (k - len(r.responses))
+                seqs += [encode_pair(tokenizer, list(r.prompt), text, cfg.max_length) for text in resp]
+            ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="right")
+            with engine.autocast():
+                rewards = model(ids.to(device), mask.to(device)).view(len(mine), k)
+            num = torch.tensor([len(r.responses) for r in mine], device=device)
+            loss = ranking_loss(rewards, num) * weight  # this worker's share of the mean over the step's prompts
+            optimizer.zero_grad()
+            (loss * here.size).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            correct = ranking_accuracy(rewards.detach(), num).sum() * (weight > 0)
+            loss_value = float(distributed.all_reduce(loss.detach().double()))
+            acc = float(distributed.all_reduce(correct.double())) / len(batch)
+            figures = {"reward/loss": loss_value, "reward/accuracy": acc,
+                       "reward/grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                                 else grad_norm),
+                       "reward/learning_rate": cfg.learning_rate * _lr_factor(step, total)}
+            history.append(figures)
+            log(figures, step)
+            advance(1, loss=loss_value, acc=acc)
+            if checkpoints and (step % cfg.checkpoint_every == 0 or step == total):
+                save_step(checkpoint_root, step, _checkpoint_tensors(model, optimizer),
+                          {"config_hash": config_hash, "step": step, "history": history, "workers": here.size},
+                          keep=2)
     model.eval()
     losses = [h["reward/loss"] for h in history]
     accs = [h["reward/accuracy"] for h in history]
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step),
             "resumed_from_step": float(resumed_from)}
+
+
+def _checkpoint_tensors(model, optimizer) -> dict:
+    """The trainable weights and the optimizer state of a reward model (sharded when the model is)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optim": osd}
 
 
 def _flat(frame) -> tuple[list[list[dict]], list[str]]:
@@ -294,23 +324,48 @@ def _ranked_pairs(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return chosen, rejected
 
 
-def _head_scores(model: ScalarHeadModel, feats: torch.Tensor) -> torch.Tensor:
-    """Scores from cached last-token features: ``head(features) + bias``, ``[N]``."""
-    head = model.head
-    return head(feats.to(head.weight.dtype).to(head.weight.device)).squeeze(-1).float().cpu() + float(model.bias)
+def _head_scores(weight: torch.Tensor, bias: float, feats: torch.Tensor) -> torch.Tensor:
+    """Scores from cached last-token features: ``features · w + bias``, ``[N]``."""
+    return feats.float() @ weight.float() + bias
 
 
-def _fit_head(model: ScalarHeadModel, feats: torch.Tensor, frame, cfg: RewardConfig, seed: int) -> dict[str, float]:
-    """Head-only mode: fit the linear head on frozen features (ridge chosen by cross-validation)."""
+def _fit_head(feats: torch.Tensor, frame, cfg: RewardConfig, seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Head-only mode: fit the linear head on frozen features (ridge chosen by cross-validation).
+
+    Returns:
+        ``(weight [H], figures)``.
+    """
     chosen, rejected = _ranked_pairs(_per_row(feats, frame))
     l2, cv = choose_head_l2(chosen, rejected, cfg.head_l2_candidates, seed=seed)
     weight = fit_linear_head(chosen, rejected, l2)
-    with torch.no_grad():
-        model.head.weight.copy_(weight.view(1, -1).to(model.head.weight.dtype))
     margins = (chosen - rejected) @ weight
-    return {"head_l2": l2, "head_cv_loglik": cv.get(l2, float("nan")), "steps": 1.0,
-            "train_loss": float(-torch.nn.functional.logsigmoid(margins).mean()),
-            "train_accuracy": float((margins > 0).float().mean())}
+    return weight, {"head_l2": l2, "head_cv_loglik": cv.get(l2, float("nan")), "steps": 1.0,
+                    "train_loss": float(-torch.nn.functional.logsigmoid(margins).mean()),
+                    "train_accuracy": float((margins > 0).float().mean())}
+
+
+def _save_reward_model(model: ScalarHeadModel | None, engine: Engine, build, folder: Path, tokenizer,
+                       head: torch.Tensor | None = None, bias: float = 0.0) -> None:
+    """Write a reward model as a plain transformers folder (LoRA merged, fp32, the bias in its config) on worker 0.
+
+    ``model`` is the trained model (sharded or not); in head mode it is ``None`` and ``build()`` gives the frozen
+    backbone, which gets the fitted ``head`` weights.
+    """
+    if model is not None and not distributed.is_wrapped(model):
+        plain = model
+    else:
+        state = distributed.full_state_dict(model) if model is not None else None
+        plain = build() if engine.world.is_main else None
+        if plain is not None and state is not None:
+            plain.load_state_dict(state)
+    if engine.world.is_main:
+        with torch.no_grad():
+            if head is not None:
+                plain.head.weight.copy_(head.view(1, -1).to(plain.head.weight.dtype))
+            plain.bias.fill_(bias if model is None else float(model.bias))
+        plain.to(torch.float32).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    distributed.barrier()
 
 
 def _held_out_metrics(scores: torch.Tensor, frame, prefix: str = "") -> dict[str, float | list]:
@@ -363,7 +418,8 @@ def run_reward(
     output_dir = Path(output_dir)
     seed = model_cfg.seed
     seed_everything(seed)
-    device = resolve_device(model_cfg.device)
+    engine = Engine.create(resolve_device(model_cfg.device), model_cfg.precision)
+    device = engine.device
     train = _select(load_prepared(prepared_dir, "comparisons", split="train"), cfg.max_train_pairs, seed)
     held_out = _select(load_prepared(prepared_dir, "comparisons", split="test"), cfg.max_eval_pairs, seed)
     if len(train) == 0 or len(held_out) == 0:
@@ -376,71 +432,78 @@ def run_reward(
     demos = load_prepared(prepared_dir, "demonstrations", split="train").head(64) if cfg.normalize else None
 
     tokenizer = load_tokenizer(sft_model_path)
-    model = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
-    models = {"": model}
     metrics: dict[str, float | list | str] = {
         "train_pairs": float(len(train)), "eval_pairs": float(len(held_out)),
         "accuracy_shorter_baseline": shorter_wins_accuracy([list(r.responses) for r in held_out.itertuples()]),
+        "workers": float(engine.world.size),
     }
 
-    def encode(prompts, texts, what, scorer=None):
-        """Features of the frozen backbone (``scorer`` None) or scores of ``scorer``, with a progress display."""
-        chunk, out = max(cfg.batch_size * 4, 16), []
+    def encode(model, prompts, texts, what, features=False):
+        """Features of the frozen backbone or scores of a reward model, shared out over the workers."""
+        chunk, out = max(cfg.batch_size * 4, 16) * engine.world.size, []
         with progress(what, len(texts)) as advance:
             for i in range(0, len(texts), chunk):
-                out.append(score_texts(scorer or model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk],
-                                       cfg.max_length, cfg.batch_size, features=scorer is None))
+                out.append(score_texts(model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk], cfg.max_length,
+                                       cfg.batch_size, features=features, engine=engine))
                 advance(len(texts[i : i + chunk]))
         return torch.cat(out)
 
+    def build(device=torch.device("cpu")) -> ScalarHeadModel:
+        return build_reward_model(sft_model_path, cfg, device)
+
+    layout = StageDir(output_dir)
+    paths = {"model": str(layout.model)}
+    if cfg.judge:
+        paths["judge"] = str(layout.judge)
     if cfg.mode == "head":
+        backbone = engine.prepare(ScalarHeadModel.from_pretrained(sft_model_path, device, torch.float32)
+                                  .eval().requires_grad_(False))
+        heads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            metrics.update(_fit_head(model, encode(*_flat(train), "RM features (train)"), train, cfg, seed))
+            heads[""], fit = _fit_head(encode(backbone, *_flat(train), "RM features (train)", True), train, cfg, seed)
+            metrics.update(fit)
             log({"reward/loss": metrics["train_loss"], "reward/accuracy": metrics["train_accuracy"]}, 1)
             if judge_train is not None:
-                judge = copy.deepcopy(model)
-                judge_fit = _fit_head(judge, encode(*_flat(judge_train), "judge features (judge split)"), judge_train, cfg,
-                                     seed)
+                heads["judge_"], judge_fit = _fit_head(
+                    encode(backbone, *_flat(judge_train), "judge features (judge split)", True), judge_train, cfg, seed)
                 metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k != "steps"})
-                models["judge_"] = judge
-            held_feats = encode(*_flat(held_out), "RM features (held-out)")
-            demo_feats = (encode([list(p) for p in demos.prompt], list(demos.response), "RM features (demos)")
-                          if demos is not None else None)
-            for prefix, m in models.items():
+            held_feats = encode(backbone, *_flat(held_out), "RM features (held-out)", True)
+            demo_feats = (encode(backbone, [list(p) for p in demos.prompt], list(demos.response), "RM features (demos)",
+                                 True) if demos is not None else None)
+            for prefix, weight in heads.items():
+                bias = 0.0
                 if demo_feats is not None:  # App. C.2: the demonstrations' mean score is 0
-                    m.bias.fill_(float(m.bias) - float(_head_scores(m, demo_feats).mean()))
-                metrics.update(_held_out_metrics(_head_scores(m, held_feats), held_out, prefix))
+                    bias = -float(_head_scores(weight, 0.0, demo_feats).mean())
+                metrics.update(_held_out_metrics(_head_scores(weight, bias, held_feats), held_out, prefix))
+                metrics[f"{prefix}normalization_bias"] = bias
+        del backbone
+        for prefix, folder in (("", layout.model), ("judge_", layout.judge)):
+            if prefix in heads:
+                _save_reward_model(None, engine, build, folder, tokenizer, heads[prefix],
+                                   metrics[f"{prefix}normalization_bias"])
     else:
-        config_hash = f"{section_hash(cfg)}:{seed}:{sft_model_path}"
+        config_hash = f"{section_hash(cfg)}:{seed}:{model_cfg.precision}:{sft_model_path}"
         checkpoints = StageDir(output_dir).checkpoints
-        metrics.update(_train_finetune(model, tokenizer, train, cfg, seed, log, checkpoints / "model",
-                                       f"{config_hash}:model"))
-        if judge_train is not None:
-            judge = ScalarHeadModel.from_pretrained(sft_model_path, device, default_dtype(device)).eval()
-            models["judge_"] = judge
-            judge_fit = _train_finetune(judge, tokenizer, judge_train, cfg, seed, no_log, checkpoints / "judge",
-                                        f"{config_hash}:judge")
-            metrics.update({f"judge_{k}": v for k, v in judge_fit.items() if k not in ("steps", "resumed_from_step")})
-        with torch.no_grad():
-            for prefix, m in models.items():
+        trained = {"": (train, log), "judge_": (judge_train, no_log)} if judge_train is not None else {"": (train, log)}
+        for prefix, (rows, logger) in trained.items():
+            model = engine.prepare(build(device), cfg.activation_checkpointing)
+            fit = _train_finetune(model, tokenizer, rows, cfg, seed, logger, engine,
+                                  checkpoints / ("judge" if prefix else "model"),
+                                  f"{config_hash}:{'judge' if prefix else 'model'}")
+            metrics.update(fit if not prefix else
+                           {f"judge_{k}": v for k, v in fit.items() if k not in ("steps", "resumed_from_step")})
+            with torch.no_grad():
                 if demos is not None:
-                    demo_scores = score_texts(m, tokenizer, [list(p) for p in demos.prompt], list(demos.response),
-                                              cfg.max_length, cfg.batch_size)
-                    m.bias.fill_(float(m.bias) - float(demo_scores.mean()))
-                scores = encode(*_flat(held_out), f"{prefix or 'RM '}scores (held-out)", scorer=m)
+                    demo_scores = encode(model, [list(p) for p in demos.prompt], list(demos.response),
+                                         f"{prefix or 'RM '}scores (demos)")
+                    model.bias.fill_(float(model.bias) - float(demo_scores.mean()))
+                scores = encode(model, *_flat(held_out), f"{prefix or 'RM '}scores (held-out)")
                 metrics.update(_held_out_metrics(scores, held_out, prefix))
-    for prefix, m in models.items():
-        metrics[f"{prefix}normalization_bias"] = float(m.bias)
+            metrics[f"{prefix}normalization_bias"] = float(model.bias)
+            _save_reward_model(model, engine, build, layout.judge if prefix else layout.model, tokenizer)
+            del model
     if judge_train is not None:
         metrics["judge_train_pairs"] = float(len(judge_train))
     log({"reward/eval_accuracy": metrics["accuracy"]}, int(metrics.get("steps", 1)))
-
-    paths = {}
-    layout = StageDir(output_dir)
-    for prefix, name, folder in (("", "model", layout.model), ("judge_", "judge", layout.judge)):
-        if prefix in models:
-            models[prefix].to(torch.float32).save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            paths[name] = str(folder)
     metrics["wall_s"] = time.time() - start
     return StageResult("reward", paths=paths, metrics=metrics)

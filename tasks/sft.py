@@ -29,16 +29,17 @@ from pydantic import Field
 
 from rlhf_pipeline.models.loading import (
     assert_same_tokenizer,
-    default_dtype,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
 )
 from rlhf_pipeline.models.policy import sample_responses
+from rlhf_pipeline.models.precision import compute_dtype
 from rlhf_pipeline.models.reward_model import ScalarHeadModel
 from rlhf_pipeline.models.tokens import chat_prompt_ids
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.stage import (
+    LoraConfig,
     MetricLogger,
     ModelConfig,
     Section,
@@ -74,6 +75,8 @@ class SFTConfig(Section):
     # same configuration and output_dir resumes from the newest (model, optimizer, scheduler, RNG, data position and
     # the checkpoint selector's best epoch)
     checkpoint_every: int = Field(0, ge=0)
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # LoRA adapters (r = 0: train the whole model)
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
 
 
 def to_conversations(frame) -> list[dict]:
@@ -87,8 +90,10 @@ def to_conversations(frame) -> list[dict]:
     ]
 
 
-def sft_training_args(cfg: SFTConfig, seed: int, output_dir: Path, device: torch.device):
-    """The ``trl.SFTConfig`` of a run: bf16 and gradient checkpointing only on CUDA (both make CPU training ~16x slower);
+def sft_training_args(cfg: SFTConfig, seed: int, output_dir: Path, device: torch.device,
+                      compute: torch.dtype = torch.float32):
+    """The ``trl.SFTConfig`` of a run: bf16 compute over the fp32 model when ``compute`` is bf16 (the Trainer's
+    autocast: the master weights and AdamW states stay fp32), activation checkpointing when ``sft`` asks for it;
     a checkpoint in ``output_dir/trainer/checkpoint-N`` every ``sft.checkpoint_every`` optimizer steps and after the
     last one (the last two are kept) when that is > 0.
 
@@ -114,8 +119,8 @@ def sft_training_args(cfg: SFTConfig, seed: int, output_dir: Path, device: torch
         max_length=cfg.max_length,
         truncation_mode="keep_start",
         completion_only_loss=True,
-        bf16=on_cuda,
-        activation_checkpointing=on_cuda,
+        bf16=compute == torch.bfloat16,
+        activation_checkpointing=cfg.activation_checkpointing,
         use_cpu=not on_cuda,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if checkpoints else "no",
@@ -335,12 +340,12 @@ def run_sft(
     tokenizer = load_tokenizer(base_model_path)
     tokenizer.padding_side = "right"
     # a checkpoint after the last step holds the final weights: nothing is left to train
-    model = load_causal_lm(resume if finished else base_model_path, device, default_dtype(device))
+    model = load_causal_lm(resume if finished else base_model_path, device, torch.float32)
 
     selector = CheckpointSelector()
     if selection_reward_model is not None:
         assert_same_tokenizer(tokenizer, load_tokenizer(selection_reward_model), "SFT model and selection reward model")
-        rm = ScalarHeadModel.from_pretrained(selection_reward_model, device, default_dtype(device)).eval()
+        rm = ScalarHeadModel.from_pretrained(selection_reward_model, device, torch.float32).eval()
         prompts = load_prepared(prepared_dir, "prompts", split="validation").head(cfg.selection_prompts)
         gen_tokenizer = load_tokenizer(base_model_path)  # left padding for generation
         selector = CheckpointSelector(rm, lambda m: mean_reward_of_greedy_responses(
@@ -402,7 +407,7 @@ def run_sft(
     else:
         trainer = SFTTrainer(
             model=model,
-            args=sft_training_args(cfg, seed, output_dir, device),
+            args=sft_training_args(cfg, seed, output_dir, device, compute_dtype(model_cfg.precision, device)),
             train_dataset=Dataset.from_list(to_conversations(train)),
             eval_dataset=Dataset.from_list(to_conversations(evaluation)) if has_eval else None,
             processing_class=tokenizer,

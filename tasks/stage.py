@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -35,12 +35,31 @@ def section_hash(section: BaseModel) -> str:
 class ModelConfig(Section):
     """The ``model`` section, read by every training and evaluation stage: the base model (``smollm2-135m-instruct``,
     the bundled GGUF converted once; ``tiny-random``, the test model; a local folder or a Hugging Face id), the model
-    cache, the device and the seed."""
+    cache, the device, the numerical precision and the seed.
+
+    ``precision``: weights and optimizer states are always fp32; ``bf16`` computes in bfloat16 (autocast in one
+    process, FSDP2's mixed-precision policy across workers), ``fp32`` in float32, ``auto`` picks bf16 on CUDA and fp32
+    on CPU (:mod:`rlhf_pipeline.models.precision`).
+    """
 
     base: str = "smollm2-135m-instruct"
     cache_dir: str | None = None  # default ~/.cache/rlhf-pipeline
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 1234
+
+
+class LoraConfig(Section):
+    """LoRA adapters for a trained model (Hu et al. 2022): rank ``r`` (0: off, the whole model trains), scale
+    ``alpha / r``, dropout on the adapter input, and the linear layers that get adapters. What a stage saves is the
+    merged full model (:func:`rlhf_pipeline.models.lora.merged`)."""
+
+    r: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)
 
 
 class MetricLogger(Protocol):

@@ -1,0 +1,158 @@
+"""N workers train as one process does: real gloo processes (torch.multiprocessing) against one process on the tiny
+model, with the same global batch, data order and rollouts (models/distributed.py, tasks/ppo.py, tasks/reward.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.integration
+
+#: fp32 on CPU: the sharded and the single-process runs sum gradients in a different order; after a few AdamW steps
+#: (whose update divides by sqrt(v), amplifying tiny gradient differences on near-zero gradients) weights agree to
+#: ~1e-6 (measured); 2e-5 leaves a margin while a real bug (a wrong loss scale, a missing all-reduce) moves weights
+#: by the learning rate (1e-3 here) or more.
+ATOL = 2e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(fn, world_size: int, *args) -> None:
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` real processes joined by a gloo process group."""
+    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, fn, world_size: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+# --- PPO ------------------------------------------------------------------------------------------------------------
+
+def _ppo_setup(model_path: str, rollout_file: str | None = None):
+    from rlhf_pipeline.models.loading import load_causal_lm, load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel
+    from rlhf_pipeline.tasks.ppo import PPOConfig
+
+    torch.manual_seed(0)
+    cfg = PPOConfig(batch_size=8, mini_batch_size=4, ppo_epochs=2, learning_rate=1e-3, value_learning_rate=1e-3,
+                    max_new_tokens=6, max_prompt_tokens=32)
+    policy = load_causal_lm(model_path, torch.device("cpu"))
+    torch.manual_seed(1)
+    value = ScalarHeadModel.from_pretrained(model_path, torch.device("cpu"))
+    return cfg, policy, value, load_tokenizer(model_path)
+
+
+def _make_global_batch(model_path: str, out: str) -> None:
+    """One process samples and scores 8 episodes: the global batch both runs update on."""
+    from rlhf_pipeline.models.losses import gae, masked_whiten
+    from rlhf_pipeline.models.policy import sample_responses
+    from rlhf_pipeline.models.tokens import chat_prompt_ids
+    from rlhf_pipeline.tasks.ppo import score_rollout
+
+    cfg, policy, value, tokenizer = _ppo_setup(model_path)
+    prompts = [[{"role": "user", "content": f"Question {i}: {'why ' * i}is the sky blue?"}] for i in range(8)]
+    torch.manual_seed(3)
+    rollout = sample_responses(policy, tokenizer, [chat_prompt_ids(tokenizer, p) for p in prompts], cfg.max_new_tokens)
+    batch = score_rollout(rollout, policy, policy, value, value, cfg)
+    advantages, returns = gae(batch["rewards"], batch["values"], batch["mask"])
+    torch.save({"rollout": rollout.__dict__, "batch": batch, "advantages": masked_whiten(advantages, batch["mask"]),
+                "returns": returns}, out)
+
+
+def _ppo_update(model_path: str, batch_file: str, engine):
+    from rlhf_pipeline.models.policy import Rollout
+    from rlhf_pipeline.tasks.ppo import adamw, ppo_update
+
+    cfg, policy, value, _ = _ppo_setup(model_path)
+    policy, value = engine.prepare(policy), engine.prepare(value)
+    saved = torch.load(batch_file, weights_only=False)
+    stats = ppo_update(Rollout(**saved["rollout"]), saved["batch"], saved["advantages"], saved["returns"], policy,
+                       value, adamw(policy.parameters(), cfg.learning_rate), adamw(value.parameters(), 1e-3), cfg,
+                       torch.Generator().manual_seed(5), engine=engine)
+    return policy, value, stats
+
+
+def _ppo_worker(rank: int, world_size: int, model_path: str, batch_file: str, out: str) -> None:
+    from rlhf_pipeline.models import distributed
+
+    engine = distributed.Engine.create("cpu", "fp32")
+    assert engine.world.size == world_size and engine.world.rank == rank
+    policy, value, stats = _ppo_update(model_path, batch_file, engine)
+    assert distributed.is_wrapped(policy)
+    weights = {"policy": distributed.full_state_dict(policy), "value": distributed.full_state_dict(value)}
+    if rank == 0:
+        torch.save({"weights": weights, "stats": stats}, out)
+
+
+def test_ppo_update_on_two_workers_equals_one_process(tiny_model_path, tmp_path):
+    from rlhf_pipeline.models.distributed import Engine
+
+    batch_file = str(tmp_path / "batch.pt")
+    _make_global_batch(str(tiny_model_path), batch_file)
+    policy, value, stats = _ppo_update(str(tiny_model_path), batch_file, Engine.create("cpu", "fp32"))
+    _spawn(_ppo_worker, 2, str(tiny_model_path), batch_file, str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    moved = 0.0
+    initial = _ppo_setup(str(tiny_model_path))[1].state_dict()
+    for name, tensor in policy.state_dict().items():
+        assert torch.allclose(two["weights"]["policy"][name], tensor, atol=ATOL, rtol=0), name
+        moved = max(moved, float((tensor - initial[name]).abs().max()))
+    for name, tensor in value.state_dict().items():
+        assert torch.allclose(two["weights"]["value"][name], tensor, atol=ATOL, rtol=0), name
+    assert moved > 100 * ATOL  # the update moved the weights: the comparison is not between two untouched models
+    for key in ("policy_loss", "value_loss", "entropy", "clipfrac", "approx_kl", "grad_norm"):
+        assert two["stats"][key] == pytest.approx(stats[key], rel=1e-4, abs=1e-6), key
+
+
+# --- reward model -----------------------------------------------------------------------------------------------------
+
+def _reward_train(model_path: str, prepared: str, engine, rows: int = 10):
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.tasks.datasets import load_prepared
+    from rlhf_pipeline.tasks.reward import RewardConfig, _train_finetune, build_reward_model
+
+    cfg = RewardConfig(mode="full", batch_size=4, learning_rate=1e-3, max_length=96, epochs=1)
+    train = load_prepared(prepared, "comparisons", split="train").head(rows)  # 10 rows: batches of 4, 4 and 2
+    torch.manual_seed(7)
+    model = engine.prepare(build_reward_model(model_path, cfg, engine.device))
+    figures = _train_finetune(model, load_tokenizer(model_path), train, cfg, 1234, lambda m, s: None, engine)
+    return model, figures
+
+
+def _reward_worker(rank: int, world_size: int, model_path: str, prepared: str, out: str) -> None:
+    from rlhf_pipeline.models import distributed
+
+    model, figures = _reward_train(model_path, prepared, distributed.Engine.create("cpu", "fp32"))
+    weights = distributed.full_state_dict(model)
+    if rank == 0:
+        torch.save({"weights": weights, "figures": figures}, out)
+
+
+def test_reward_fine_tuning_on_two_workers_equals_one_process(tiny_model_path, prepared_data, tmp_path):
+    """Three steps of 4, 4 and 2 prompts: the last splits 1 + 1, and 3 workers would leave one with a stand-in."""
+    from rlhf_pipeline.models.distributed import Engine
+
+    model, figures = _reward_train(str(tiny_model_path), str(prepared_data), Engine.create("cpu", "fp32"))
+    _spawn(_reward_worker, 2, str(tiny_model_path), str(prepared_data), str(tmp_path / "two.pt"))
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(two["weights"][name], tensor, atol=ATOL, rtol=0), name
+    assert figures["steps"] == two["figures"]["steps"] == 3
+    assert two["figures"]["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-5)
+    assert two["figures"]["train_accuracy"] == pytest.approx(figures["train_accuracy"])
