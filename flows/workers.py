@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,8 @@ from pydantic import Field, model_validator
 from rlhf_pipeline.tasks.stage import Section, StageResult
 
 RESULT_FILE = "worker-result.json"
+_connected: str | None = None  # the address this process's Ray was started for (None: a local Ray)
+WORKERS_DIR = "ray-workers"  # one JSON per worker: rank, pid, node id, host (where each ran; what to kill in a test)
 
 
 class DistributedConfig(Section):
@@ -100,7 +103,12 @@ def _run_on_ray(stage, sections: dict, inputs: dict, output_dir: Path, dist_cfg:
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports leave the machine
     address = ray_address(dist_cfg)
+    global _connected
+    if ray.is_initialized() and _connected != address:
+        ray.shutdown()  # connected to another cluster earlier in this process
+    _connected = address
     if not ray.is_initialized():
         if address:
             ray.init(address=address, runtime_env={"env_vars": _worker_env(tracking_uri)}, log_to_driver=True)
@@ -143,6 +151,7 @@ def _worker_loop(config: dict) -> None:
     import importlib
     import typing
 
+    import ray
     import ray.train
 
     from rlhf_pipeline.models.distributed import SHARD_ENV
@@ -155,7 +164,13 @@ def _worker_loop(config: dict) -> None:
     params = list(typing.get_type_hints(function))  # annotated parameters in order, then "return"
     sections = [hints[param].model_validate(config["sections"][section])
                 for param, section in zip(params, config["sections"])]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    where = Path(config["output_dir"]) / WORKERS_DIR
+    where.mkdir(parents=True, exist_ok=True)
+    (where / f"rank-{rank}.json").write_text(json.dumps({
+        "rank": rank, "world_size": context.get_world_size(), "pid": os.getpid(),
+        "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}))
     log = no_log
     if rank == 0 and config["run_id"]:
         from rlhf_pipeline.flows.tracking import MetricSink

@@ -81,3 +81,27 @@ def load_step(folder: Path, tensors: dict) -> None:
     """Load the tensors of the checkpoint ``folder`` into ``tensors`` in place (resharded to this number of
     workers)."""
     distributed.load_tensors(tensors, folder / TENSORS)
+
+
+def training_state(model, optimizer) -> dict:
+    """What a checkpoint keeps of a model being trained: its trainable weights and its optimizer state, in the
+    model's layout (sharded DTensors under FSDP2). Frozen weights (a LoRA model's base, the lower blocks in
+    ``top_layers`` mode, a tied output matrix) are not written: the stage rebuilds them from its inputs.
+
+    Returns:
+        ``{"model": {name: tensor}, "optim": optimizer state keyed by parameter name}``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {"model": {k: v for k, v in weights.items() if k in trainable}, "optim": optim}
+
+
+def restore_training_state(model, optimizer, state: dict) -> None:
+    """Load what :func:`training_state` returned (after :func:`load_step` filled it) into ``model`` and
+    ``optimizer``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))

@@ -55,7 +55,14 @@ from rlhf_pipeline.models.losses import (
 from rlhf_pipeline.models.policy import Rollout, response_logprobs, sample_responses
 from rlhf_pipeline.models.reward_model import ScalarHeadModel
 from rlhf_pipeline.models.tokens import chat_prompt_ids, pad_sequences
-from rlhf_pipeline.tasks.checkpoints import latest_step, load_step, save_step, step_seed
+from rlhf_pipeline.tasks.checkpoints import (
+    latest_step,
+    load_step,
+    restore_training_state,
+    save_step,
+    step_seed,
+    training_state,
+)
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.formats import transcript
 from rlhf_pipeline.tasks.progress import progress
@@ -592,24 +599,15 @@ def run_ppo(
 
 def _checkpoint_tensors(policy, policy_opt, value_model, value_opt, ema: EMA | None) -> dict:
     """What a PPO checkpoint holds as tensors: the trainable weights and optimizer states of the policy and the value
-    model (sharded when the models are; frozen LoRA base weights are left out), and the EMA shadow."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(ignore_frozen_params=True)
-    tensors = {}
-    for name, model, optimizer in (("policy", policy, policy_opt), ("value", value_model, value_opt)):
-        tensors[name], tensors[f"{name}_opt"] = get_state_dict(model, optimizer, options=options)
+    model (:func:`rlhf_pipeline.tasks.checkpoints.training_state`), and the EMA shadow."""
+    tensors = {"policy": training_state(policy, policy_opt), "value": training_state(value_model, value_opt)}
     if ema is not None:
         tensors["ema"] = ema.shadow
     return tensors
 
 
 def _restore(tensors: dict, policy, policy_opt, value_model, value_opt, ema: EMA | None) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    for name, model, optimizer in (("policy", policy, policy_opt), ("value", value_model, value_opt)):
-        set_state_dict(model, optimizer, model_state_dict=tensors[name], optim_state_dict=tensors[f"{name}_opt"],
-                       options=options)
+    restore_training_state(policy, policy_opt, tensors["policy"])
+    restore_training_state(value_model, value_opt, tensors["value"])
     if ema is not None:
         ema.shadow = tensors["ema"]

@@ -39,7 +39,14 @@ from rlhf_pipeline.models.lora import add_lora
 from rlhf_pipeline.models.losses import ranking_accuracy, ranking_loss
 from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
 from rlhf_pipeline.models.tokens import encode_pair, pad_sequences
-from rlhf_pipeline.tasks.checkpoints import latest_step, load_step, save_step, step_seed
+from rlhf_pipeline.tasks.checkpoints import (
+    latest_step,
+    load_step,
+    restore_training_state,
+    save_step,
+    step_seed,
+    training_state,
+)
 from rlhf_pipeline.tasks.datasets import load_prepared
 from rlhf_pipeline.tasks.progress import progress
 from rlhf_pipeline.tasks.stage import (
@@ -231,12 +238,9 @@ def _train_finetune(
     found = latest_step(checkpoint_root, config_hash) if checkpoints else None
     if found is not None:
         folder, state = found
-        tensors = _checkpoint_tensors(model, optimizer)
+        tensors = training_state(model, optimizer)
         load_step(folder, tensors)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        restore_training_state(model, optimizer, tensors)
         step, history = state["step"], state["history"]
         for i, figures in enumerate(history, start=1):  # the resumed run's MLflow curve is complete
             log(figures, i)
@@ -280,7 +284,7 @@ def _train_finetune(
             log(figures, step)
             advance(1, loss=loss_value, acc=acc)
             if checkpoints and (step % cfg.checkpoint_every == 0 or step == total):
-                save_step(checkpoint_root, step, _checkpoint_tensors(model, optimizer),
+                save_step(checkpoint_root, step, training_state(model, optimizer),
                           {"config_hash": config_hash, "step": step, "history": history, "workers": here.size},
                           keep=2)
     model.eval()
@@ -288,14 +292,6 @@ def _train_finetune(
     accs = [h["reward/accuracy"] for h in history]
     return {"train_loss": sum(losses) / len(losses), "train_accuracy": sum(accs) / len(accs), "steps": float(step),
             "resumed_from_step": float(resumed_from)}
-
-
-def _checkpoint_tensors(model, optimizer) -> dict:
-    """The trainable weights and the optimizer state of a reward model (sharded when the model is)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {"model": msd, "optim": osd}
 
 
 def _flat(frame) -> tuple[list[list[dict]], list[str]]:

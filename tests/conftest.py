@@ -19,6 +19,7 @@ for key, value in {
     "PREFECT_HOME": _PREFECT_HOME,
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ[key] = value
 os.environ.pop("PREFECT_API_URL", None)
