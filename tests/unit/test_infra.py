@@ -261,3 +261,52 @@ def test_makefile_targets():
     assert re.search(r"^services:.*\n\t.*-m rlhf_pipeline\.infra\.services start", makefile, flags=re.M)
     assert re.search(r"^services-stop:.*\n\t.*-m rlhf_pipeline\.infra\.services stop", makefile, flags=re.M)
     assert "/.services/" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+
+
+# --- Ray: KubeRay cluster, compose head and GPU worker, RAY_ADDRESS in the pools ---------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> list[dict]:
+    return list(yaml.safe_load_all((INFRA / "kuberay-cluster.yaml").read_text()))
+
+
+def test_kuberay_cluster_has_a_gpu_worker_group_and_shared_storage(ray_cluster):
+    cluster = next(d for d in ray_cluster if d["kind"] == "RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    pin = re.search(r'"ray\[train\]==([^"]+)"', (PROJECT_ROOT / "pyproject.toml").read_text()).group(1)
+    assert cluster["spec"]["rayVersion"] == pin  # the cluster runs the Ray the pipeline is pinned to
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    (gpu,) = cluster["spec"]["workerGroupSpecs"]
+    worker = gpu["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1" and gpu["rayStartParams"]["num-gpus"] == "1"
+    images = {c["image"] for g in (head, gpu) for c in g["template"]["spec"]["containers"]}
+    assert images == {"rlhf-worker:latest"}
+    for group in (head, gpu):
+        container = group["template"]["spec"]["containers"][0]
+        assert {e["name"]: e.get("value") for e in container["env"]}["RAY_AUTH_MODE"] == "token"
+        assert container["envFrom"] == [{"secretRef": {"name": "rlhf-ray-auth"}}]
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {"/opt/rlhf/runs", "/opt/rlhf-cache"}
+    claim = next(d for d in ray_cluster if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_pools_and_compose_point_flow_runs_at_the_ray_head(deployments, compose, ray_cluster):
+    cluster = next(d for d in ray_cluster if d["kind"] == "RayCluster")
+    name, namespace = cluster["metadata"]["name"], cluster["metadata"]["namespace"]
+    k8s = deployments["rlhf-pipeline-kubernetes"]["work_pool"]["job_variables"]["env"]
+    assert k8s["RAY_ADDRESS"] == f"{name}-head-svc.{namespace}.svc.cluster.local:6379"  # KubeRay's head service
+    template = json.loads((INFRA / "k8s-base-job-template.json").read_text())
+    rendered = _render(template, deployments["rlhf-pipeline-kubernetes"]["work_pool"]["job_variables"])
+    container = rendered["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "rlhf-ray-auth", "optional": True}}]
+    docker = deployments["rlhf-pipeline-docker"]["work_pool"]["job_variables"]["env"]
+    services = compose["services"]
+    assert docker["RAY_ADDRESS"] == services["worker"]["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    assert _command(services["ray-head"]).startswith("ray start --head --block --port=6379 --num-cpus=0")
+    assert _command(services["ray-worker"]).startswith("ray start --address=ray-head:6379")
+    devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    # a run's folder and the model cache are the same volumes, at the same paths, for the Prefect worker and Ray
+    assert set(services["ray-worker"]["volumes"]) == set(services["worker"]["volumes"])
+    assert "RAY_AUTH_TOKEN:?" in services["worker"]["environment"]["RAY_AUTH_TOKEN"]  # no default secret
