@@ -187,13 +187,22 @@ def resolve_model_path(base: str, cache_dir: str | Path | None = None) -> str:
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer of a model folder, with a pad token (EOS when it has none) and left padding for generation."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a model folder, with a pad token (EOS when it has none), left padding for generation, and the
+    model's end tokens (:func:`rlhf_pipeline.models.tokens.end_token_ids`): the tokenizer's EOS and every EOS id of the
+    folder's ``generation_config.json`` (chat models often end a turn with a token other than EOS)."""
+    from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    ends = {tokenizer.eos_token_id}
+    try:
+        configured = GenerationConfig.from_pretrained(str(path)).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the tokenizer's EOS alone
+        configured = None
+    ends.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    tokenizer.end_token_ids = sorted(i for i in ends if i is not None)
     return tokenizer
 
 

@@ -7,11 +7,13 @@ and the value of the state before it is read at the same column.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-from rlhf_pipeline.models.tokens import pad_sequences, position_ids_from_mask
+from rlhf_pipeline.models.tokens import end_token_ids, pad_sequences, position_ids_from_mask
 
 
 @dataclass
@@ -54,7 +56,13 @@ def sample_responses(
     do_sample: bool = True,
     with_logprobs: bool = False,
 ) -> Rollout:
-    """Sample one response per query with ``model.generate``; everything after a response's first EOS is padding.
+    """Sample one response per query with ``model.generate``; everything after a response's first end token (any of
+    :func:`rlhf_pipeline.models.tokens.end_token_ids`) is padding.
+
+    The tokens are drawn from the distribution the log-probabilities describe: ``softmax(logits / temperature)``, with
+    no minimum length (the first token may end the response) and none of the model's own logits processors
+    (:func:`neutral_generation_config`). PPO refuses top-k / top-p (the log-probabilities would not describe them);
+    greedy decoding (``do_sample=False``) is for checkpoint selection and serving.
 
     Args:
         query_ids: token ids of each chat prompt (already templated, generation prompt included).
@@ -74,18 +82,14 @@ def sample_responses(
     device = next(model.parameters()).device
     queries, query_mask = pad_sequences(query_ids, tokenizer.pad_token_id, side="left")
     queries, query_mask = queries.to(device), query_mask.to(device)
-    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens, min_new_tokens=1)
+    ends = end_token_ids(tokenizer)
+    kwargs = dict(do_sample=do_sample, max_new_tokens=max_new_tokens)
     if do_sample:
-        kwargs.update(temperature=temperature, top_k=top_k if top_k > 0 else None, top_p=top_p)
+        kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
     if with_logprobs:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
-    out = model.generate(
-        input_ids=queries,
-        attention_mask=query_mask,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **kwargs,
-    )
+    with neutral_generation_config(model, ends, tokenizer.pad_token_id):
+        out = model.generate(input_ids=queries, attention_mask=query_mask, **kwargs)
     sequences = out.sequences if with_logprobs else out
     responses = sequences[:, queries.shape[1] :]
     logprobs = None
@@ -95,8 +99,8 @@ def sample_responses(
             [_token_logprobs(step_logits, responses[:, t], temperature) for t, step_logits in enumerate(out.logits)], 1
         )
         del out
-    is_eos = responses == tokenizer.eos_token_id
-    # 1 up to and including the first EOS
+    is_eos = torch.isin(responses, torch.tensor(ends, device=responses.device))
+    # 1 up to and including the first end token
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_first_eos).long()
     responses = responses.masked_fill(after_first_eos, tokenizer.pad_token_id)
@@ -109,6 +113,26 @@ def sample_responses(
         ended=ended,
         logprobs=logprobs,
     )
+
+
+@contextlib.contextmanager
+def neutral_generation_config(model, end_ids: list[int], pad_id: int) -> Iterator[None]:
+    """Sample from the model's own distribution inside the block: the model's generation config (which may set a
+    repetition penalty, banned n-grams, a minimum length, top-k 50...) is replaced by a fresh one that only knows the
+    end and pad tokens, so the tokens are drawn from ``softmax(logits / temperature)`` (with the top-k / top-p given
+    to ``generate``) and the log-probabilities PPO uses for its ratio and KL are those of the distribution that
+    sampled. The model's config is restored after."""
+    from transformers import GenerationConfig
+
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(eos_token_id=list(end_ids), pad_token_id=pad_id,
+                                                bos_token_id=saved.bos_token_id, top_k=0, top_p=1.0,
+                                                repetition_penalty=1.0, no_repeat_ngram_size=0)
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -24,12 +24,42 @@ def chat_prompt_ids(tokenizer, messages: list[dict], max_tokens: int | None = No
     return ids
 
 
+def end_token_ids(tokenizer) -> list[int]:
+    """The token ids that end a response: the model's EOS ids (every one of its generation config's, set by
+    :func:`rlhf_pipeline.models.loading.load_tokenizer`), else the tokenizer's EOS. Rollouts stop at any of them,
+    response masks end at the first, and the reward is read there."""
+    return list(getattr(tokenizer, "end_token_ids", None) or [tokenizer.eos_token_id])
+
+
+def closing_token_id(tokenizer) -> int:
+    """The end token a written response is closed with (demonstrations for SFT, responses the RM scores): the one the
+    chat template puts after an assistant turn when it is an end token, else the tokenizer's EOS. Training closes
+    responses with the token the model's own samples end with."""
+    cached = getattr(tokenizer, "_rlhf_closing_token_id", None)
+    if cached is not None:
+        return cached
+    ends, closing = set(end_token_ids(tokenizer)), tokenizer.eos_token_id
+    try:
+        marker = "\u2063"  # a character no template adds
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}],
+                                            tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        after = tokenizer(marker, add_special_tokens=False)["input_ids"][-1]
+        tail = ids[len(ids) - 1 - ids[::-1].index(after) + 1 :] if after in ids else []
+        closing = next((i for i in tail if i in ends), closing)
+    except (ValueError, TypeError, KeyError, AttributeError):  # no chat template: the tokenizer's EOS
+        pass
+    tokenizer._rlhf_closing_token_id = closing
+    return closing
+
+
 def response_ids(tokenizer, response: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids of a response text closed with the EOS token (truncated responses keep their EOS)."""
+    """Token ids of a response text closed with its end token (:func:`closing_token_id`); a response cut to
+    ``max_tokens`` keeps its end token."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[: max_tokens - 1]
-    return list(ids) + [tokenizer.eos_token_id]
+    return list(ids) + [closing_token_id(tokenizer)]
 
 
 def encode_pair(tokenizer, messages: list[dict], response: str, max_length: int) -> list[int]:

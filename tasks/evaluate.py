@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf_pipeline.models import distributed
 from rlhf_pipeline.models.distributed import Engine
@@ -44,6 +44,13 @@ class EvaluateConfig(Section):
     top_p: float = 1.0
     ppl_texts: int = 32  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
     ppl_max_tokens: int = 128
+
+    @model_validator(mode="after")
+    def _check_sampling(self) -> "EvaluateConfig":
+        if self.top_p != 1.0:
+            raise ValueError("evaluate.top_p must stay 1.0: kl_to_sft is computed from the log-probabilities of the "
+                             "full softmax, which would not describe top-p samples")
+        return self
 
 
 @torch.no_grad()

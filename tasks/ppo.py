@@ -120,6 +120,10 @@ class PPOConfig(Section):
 
     @model_validator(mode="after")
     def _check_minibatches(self) -> "PPOConfig":
+        if self.top_k or self.top_p < 1.0:
+            raise ValueError("ppo.top_k and ppo.top_p must stay off (0 and 1.0): PPO's ratio and per-token KL need the "
+                             "log-probabilities of the distribution that sampled, and those are of the full softmax; "
+                             "use ppo.temperature to sharpen or flatten it")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must divide ppo.batch_size ({self.batch_size})")
         return self
@@ -341,14 +345,23 @@ def pretraining_texts(source: str, prepared_dir: str | Path, split: str = "train
 
 def pretraining_batches(texts: list[str], tokenizer, batch_size: int, max_tokens: int, generator: torch.Generator,
                         device: torch.device):
-    """An endless iterator of ``(input_ids [B, T], attention_mask [B, T])`` over shuffled ``texts`` (right-padded)."""
+    """An endless iterator of ``(input_ids [B, T], attention_mask [B, T])`` over ``texts`` (right-padded): the texts
+    in a shuffled order, then a new shuffled order, and so on, so a batch may span two passes (with fewer texts than
+    ``batch_size`` a text repeats within a batch).
+
+    Raises:
+        ValueError: when there are no texts.
+    """
+    if not texts:
+        raise ValueError("PPO-ptx has no pretraining texts (ppo.ptx_source); set ppo.ptx_coef to 0 or give texts")
+    stream: list[int] = []
     while True:
-        order = torch.randperm(len(texts), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens]
-                   for i in order[start : start + batch_size]]
-            input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
-            yield input_ids.to(device), mask.to(device)
+        while len(stream) < batch_size:
+            stream += torch.randperm(len(texts), generator=generator).tolist()
+        picked, stream = stream[:batch_size], stream[batch_size:]
+        ids = [tokenizer(texts[i], add_special_tokens=False)["input_ids"][:max_tokens] for i in picked]
+        input_ids, mask = pad_sequences(ids, tokenizer.pad_token_id, side="right")
+        yield input_ids.to(device), mask.to(device)
 
 
 class _Counting:

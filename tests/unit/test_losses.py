@@ -137,3 +137,13 @@ def test_lm_loss_by_hand():
     assert lm_loss(logits, ids, torch.ones(1, 3)).item() == pytest.approx(math.log(2) / 2, abs=1e-6)
     # padding after the second token: only the first prediction counts
     assert lm_loss(logits, ids, torch.tensor([[1, 1, 0]])).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_ranking_accuracy_ignores_padded_responses():
+    """K varies in a batch (3 and 2): the second row is padded with a copy of its last response (as the RM stage
+    batches them), which must take part in no pair: its one real pair is right, so its accuracy is 1, not 2/3."""
+    from rlhf_pipeline.models.losses import ranking_accuracy
+
+    rewards = torch.tensor([[3.0, 2.0, 1.0], [2.0, 1.0, 1.0]])
+    assert ranking_accuracy(rewards, torch.tensor([3, 2])).tolist() == [1.0, 1.0]
+    assert ranking_accuracy(rewards).tolist() == pytest.approx([1.0, 2 / 3])  # counting the padded column

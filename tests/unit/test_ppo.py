@@ -204,3 +204,28 @@ def test_fused_adamw_follows_the_plain_update_rule():
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_ptx_batches_wrap_around_when_there_are_fewer_texts_than_a_batch(tokenizer):
+    """Two texts and batches of 5: the stream keeps coming (it used to loop forever looking for a full batch)."""
+    from rlhf_pipeline.tasks.ppo import pretraining_batches
+
+    batches = pretraining_batches(["Human: hi\n\nAssistant: hello", "Human: bye\n\nAssistant: see you"], tokenizer, 5,
+                                  16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    first, second = next(batches), next(batches)
+    assert first[0].shape[0] == second[0].shape[0] == 5
+    with pytest.raises(ValueError, match="no pretraining texts"):
+        next(pretraining_batches([], tokenizer, 2, 16, torch.Generator(), torch.device("cpu")))
+
+
+def test_top_k_and_top_p_are_refused_where_log_probabilities_ignore_them():
+    from pydantic import ValidationError
+
+    from rlhf_pipeline.tasks.evaluate import EvaluateConfig
+
+    for bad in ({"top_k": 40}, {"top_p": 0.9}):
+        with pytest.raises(ValidationError, match="must stay off"):
+            PPOConfig(**bad)
+    with pytest.raises(ValidationError, match="evaluate.top_p must stay 1.0"):
+        EvaluateConfig(top_p=0.9)
