@@ -15,7 +15,7 @@ The method (PyTorch FSDP2, ``torch.distributed.fsdp.fully_shard``; Zhao et al. 2
   (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``); in one process, autocast
   (:mod:`rlhf_pipeline.models.precision`).
 - Batch sizes in the configuration are global: each worker takes its rows (:func:`local_rows`), statistics over a
-  batch are computed on the gathered batch (:func:`gather_rows`) or reduced (:func:`all_reduce`), and a loss is a sum
+  batch are computed on the gathered batch (:func:`gather_objects`) or reduced (:func:`all_reduce`), and a loss is a sum
   over the worker's tokens divided by the *global* token count, times N (FSDP averages gradients over the N workers):
   then N workers take the step one process takes on the same global batch.
 - Generation: :func:`gathered` unshards a model once for a whole ``generate`` call (one all-gather per layer instead of
@@ -117,29 +117,6 @@ def gather_objects(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def gather_rows(tensor: torch.Tensor, pad_value: float | int = 0, left: bool = False) -> torch.Tensor:
-    """Concatenate every worker's ``[b_r, T_r, ...]`` rows along dim 0 in rank order, padding dim 1 to the widest
-    (on the ``left`` or the right); the identity in one process. Worker row counts may differ."""
-    if not _active():
-        return tensor
-    if tensor.dtype == torch.bool:  # not every backend reduces booleans
-        return gather_rows(tensor.to(torch.uint8), int(pad_value), left).bool()
-    shapes = gather_objects(tuple(tensor.shape))
-    width = max(s[1] for s in shapes) if tensor.dim() > 1 else None
-    if width is not None and tensor.shape[1] < width:
-        pad = torch.full((tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:]), pad_value,
-                         dtype=tensor.dtype, device=tensor.device)
-        tensor = torch.cat([pad, tensor] if left else [tensor, pad], 1)
-    rows = max(s[0] for s in shapes)
-    if tensor.shape[0] < rows:  # all_gather needs equal shapes: pad rows, cut them after
-        filler = torch.full((rows - tensor.shape[0], *tensor.shape[1:]), pad_value, dtype=tensor.dtype,
-                            device=tensor.device)
-        tensor = torch.cat([tensor, filler])
-    parts = [torch.empty_like(tensor) for _ in shapes]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat([part[: shape[0]] for part, shape in zip(parts, shapes)])
 
 
 def batches(n: int, size: int, here: World) -> list[list[int]]:

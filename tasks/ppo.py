@@ -190,20 +190,39 @@ def gather_episodes(rollout: Rollout, batch: dict[str, torch.Tensor], pad_id: in
     """
     if distributed.world().size == 1:
         return rollout, batch
-    p = rollout.query_length
-    queries = distributed.gather_rows(rollout.input_ids[:, :p], pad_id, left=True)
-    query_mask = distributed.gather_rows(rollout.attention_mask[:, :p], 0, left=True)
-    responses = distributed.gather_rows(rollout.responses, pad_id)
-    response_mask = distributed.gather_rows(rollout.response_mask, 0)
+    parts = distributed.gather_objects((rollout.input_ids[:, : rollout.query_length].cpu(),
+                                        rollout.attention_mask[:, : rollout.query_length].cpu(),
+                                        rollout.responses.cpu(), rollout.response_mask.cpu(), rollout.ended.cpu(),
+                                        rollout.logprobs.cpu() if rollout.logprobs is not None else None,
+                                        {k: v.cpu() for k, v in batch.items()}))  # one collective for everything
+    device = rollout.input_ids.device
+
+    def joined(i: int, pad, left: bool = False) -> torch.Tensor:
+        tensors = [part[i] for part in parts]
+        if tensors[0].dim() > 1:
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]),
+                                               value=pad) for t in tensors]
+        return torch.cat(tensors).to(device)
+
+    queries, query_mask = joined(0, pad_id, left=True), joined(1, 0, left=True)
+    responses, response_mask = joined(2, pad_id), joined(3, 0)
     full = Rollout(
         input_ids=torch.cat([queries, responses], 1),
         attention_mask=torch.cat([query_mask, response_mask], 1),
         query_length=queries.shape[1],
         response_mask=response_mask,
-        ended=distributed.gather_rows(rollout.ended),
-        logprobs=distributed.gather_rows(rollout.logprobs) if rollout.logprobs is not None else None,
+        ended=joined(4, False),
+        logprobs=joined(5, 0.0) if rollout.logprobs is not None else None,
     )
-    return full, {key: distributed.gather_rows(value, 0) for key, value in batch.items()}
+    merged_batch = {}
+    for key in batch:
+        tensors = [part[6][key] for part in parts]
+        width = max(t.shape[1] for t in tensors) if tensors[0].dim() > 1 else None
+        if width is not None:
+            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
+        merged_batch[key] = torch.cat(tensors).to(device)
+    return full, merged_batch
 
 
 def trim_padding(
@@ -308,8 +327,9 @@ def ppo_update(
                 **vf_stats,
                 **({"ptx_loss": ptx} if ptx is not None else {}),
             }
-            for key, value in partial.items():
-                stats.setdefault(key, []).append(float(distributed.all_reduce(value.detach().float())))
+            summed = distributed.all_reduce(torch.stack([v.detach().float().cpu() for v in partial.values()]))
+            for key, value in zip(partial, summed.tolist()):
+                stats.setdefault(key, []).append(value)
             stats.setdefault("grad_norm", []).append(pg_grad)
     policy.eval()
     value_model.eval()
