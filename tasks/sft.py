@@ -405,16 +405,24 @@ def _restore(folder: Path, state: dict, model, optimizer, selector: CheckpointSe
         selector.load_tensors(tensors["best"])
 
 
+def _correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How many labelled tokens are the argmax of the logits that predict them (``logits [B, T, V]``, ``labels
+    [B, T]``)."""
+    target = labels[:, 1:]
+    return ((logits[:, :-1].argmax(-1) == target) & (target != IGNORE_INDEX)).sum()
+
+
 def _logged_figures(history: list[dict[str, float]], step: int, every: int, total: int) -> dict[str, float] | None:
     """The ``sft/*`` figures logged at optimizer step ``step`` (1-based): every ``every`` steps and at the last, the
-    loss and grad norm averaged over the steps since the previous log and the step's learning rate; ``None`` between
-    logs. Derived from the per-step history alone, so a resumed run replays the curves exactly."""
+    loss, token accuracy and grad norm averaged over the steps since the previous log and the step's learning rate;
+    ``None`` between logs. Derived from the per-step history alone, so a resumed run replays the curves exactly."""
     if step % every and step != total:
         return None
     window = history[(step - 1) // every * every : step]
-    return {"sft/loss": sum(h["sft/loss"] for h in window) / len(window),
-            "sft/grad_norm": sum(h["sft/grad_norm"] for h in window) / len(window),
-            "sft/learning_rate": history[step - 1]["sft/learning_rate"]}
+    figures = {name: sum(h[name] for h in window) / len(window)
+               for name in ("sft/loss", "sft/token_accuracy", "sft/grad_norm")}
+    figures["sft/learning_rate"] = history[step - 1]["sft/learning_rate"]
+    return figures
 
 
 def _epoch_figures(entry: dict[str, float], by_rm: bool) -> dict[str, float]:
@@ -467,8 +475,9 @@ def run_sft(
             selection by RM score).
         base_model_path: transformers folder or id of the base model.
         output_dir: where the stage writes (``model/``, ``checkpoints/``).
-        log: receives ``sft/loss`` (nats per response token), ``sft/learning_rate``, ``sft/grad_norm`` per optimizer
-            step (every ``sft.logging_steps``), ``sft/epoch_eval_loss`` (and ``sft/selection_rm_score``) per epoch,
+        log: receives ``sft/loss`` (nats per response token), ``sft/token_accuracy`` (share of response tokens that
+            are the model's argmax), ``sft/learning_rate``, ``sft/grad_norm`` per optimizer step (every
+            ``sft.logging_steps``), ``sft/epoch_eval_loss`` (and ``sft/selection_rm_score``) per epoch,
             and ``sft/train_loss`` at the end.
         selection_reward_model: a reward-model folder; when given, the epoch is chosen by mean RM score of greedy
             responses to validation prompts, else by validation loss.
@@ -563,6 +572,7 @@ def run_sft(
             tokens = sum(rows[i].label_tokens for batch in micro_batches for i in batch)  # of the whole step
             torch.manual_seed(step_seed(seed, step, "sft", here.rank))
             nll = torch.zeros((), dtype=torch.float64)
+            correct = torch.zeros((), dtype=torch.float64)
             optimizer.zero_grad()
             for batch in micro_batches:
                 mine = batch[here.rank :: here.size]
@@ -573,11 +583,14 @@ def run_sft(
                 loss = sft_loss(logits, labels.to(device), num_tokens=max(tokens, 1)) * (1.0 if mine else 0.0)
                 (loss * here.size).backward()  # FSDP averages gradients over the workers
                 nll += loss.detach().double().cpu()
+                if mine:
+                    correct += _correct_tokens(logits.detach(), labels.to(device)).double().cpu()
             grad_norm = _norm(torch.nn.utils.clip_grad_norm_(params, 1.0))
             optimizer.step()
             step += 1
-            figures = {"sft/loss": float(distributed.all_reduce(nll)), "sft/learning_rate": lr,
-                       "sft/grad_norm": grad_norm}
+            reduced = distributed.all_reduce(torch.stack([nll, correct]))
+            figures = {"sft/loss": float(reduced[0]), "sft/token_accuracy": float(reduced[1]) / max(tokens, 1),
+                       "sft/learning_rate": lr, "sft/grad_norm": grad_norm}
             history.append(figures)
             logged = _logged_figures(history, step, cfg.logging_steps, total)
             if logged:

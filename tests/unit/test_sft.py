@@ -100,10 +100,13 @@ def test_learning_rate_decays_on_a_cosine_to_the_min_ratio_without_warmup():
 def test_logged_figures_average_the_window_and_replay_from_the_history():
     from rlhf_pipeline.tasks.sft import _logged_figures
 
-    history = [{"sft/loss": float(i), "sft/grad_norm": 10.0 * i, "sft/learning_rate": 1.0 / i} for i in (1, 2, 3, 4, 5)]
+    history = [{"sft/loss": float(i), "sft/token_accuracy": i / 10, "sft/grad_norm": 10.0 * i,
+                "sft/learning_rate": 1.0 / i} for i in (1, 2, 3, 4, 5)]
     assert _logged_figures(history, 1, 2, 5) is None
-    assert _logged_figures(history, 2, 2, 5) == {"sft/loss": 1.5, "sft/grad_norm": 15.0, "sft/learning_rate": 0.5}
-    assert _logged_figures(history, 5, 2, 5) == {"sft/loss": 5.0, "sft/grad_norm": 50.0, "sft/learning_rate": 0.2}
+    assert _logged_figures(history, 2, 2, 5) == pytest.approx(
+        {"sft/loss": 1.5, "sft/token_accuracy": 0.15, "sft/grad_norm": 15.0, "sft/learning_rate": 0.5})
+    assert _logged_figures(history, 5, 2, 5) == pytest.approx(
+        {"sft/loss": 5.0, "sft/token_accuracy": 0.5, "sft/grad_norm": 50.0, "sft/learning_rate": 0.2})
     assert _logged_figures(history[:3], 3, 1, 5)["sft/loss"] == 3.0
 
 
@@ -173,3 +176,14 @@ def test_checkpoint_selector_state_survives_a_checkpoint(tmp_path):
     assert model.weight.tolist() == [[1.0, 1.0]]  # epoch 1's weights, read back from the checkpoint
     with pytest.raises(ValueError, match="selected by eval_loss"):
         CheckpointSelector(reward_model=object()).load_state(state["selector"])
+
+
+def test_token_accuracy_counts_labelled_argmax_hits():
+    from rlhf_pipeline.tasks.sft import _correct_tokens
+
+    logits = torch.zeros(1, 4, 3)
+    logits[0, 0, 2] = logits[0, 1, 1] = logits[0, 2, 0] = 1.0  # argmax 2, 1, 0 at positions 0..2
+    labels = torch.tensor([[IGNORE_INDEX, 2, 1, 1]])  # position 0 -> 2 (hit), 1 -> 1 (hit), 2 -> 1 (miss)
+    assert int(_correct_tokens(logits, labels)) == 2
+    labels[0, 1] = IGNORE_INDEX  # a prompt token: a hit that does not count
+    assert int(_correct_tokens(logits, labels)) == 1
