@@ -8,6 +8,8 @@
 - :func:`ppo_policy_loss`, :func:`ppo_value_loss` — PPO's clipped surrogate and clipped value loss (Schulman et al. 2017,
   eq. 7 and 9; value clipping as in OpenAI's baselines and InstructGPT App. C.4).
 - :func:`lm_loss` — the next-token loss of PPO-ptx (§3.5 eq. 2) and of perplexity.
+- :func:`sft_loss` — supervised fine-tuning's next-token loss on the response tokens only (§3.5 "Supervised
+  fine-tuning", App. C.1).
 
 The KL coefficient's controllers are in :mod:`rlhf_pipeline.models.kl_controller`, the EMA of the policy's weights in
 :mod:`rlhf_pipeline.models.ema`.
@@ -285,3 +287,29 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     target = input_ids[:, 1:]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return masked_mean(nll, attention_mask[:, 1:].to(nll.dtype), total=num_tokens)
+
+
+#: the label of a position that carries no loss (prompt and padding tokens), as in transformers
+IGNORE_INDEX = -100
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+             num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of the labelled tokens divided by ``num_tokens`` (nats/token): the
+    SFT objective on demonstrations, where only the response tokens (closed by EOS) are labelled and the prompt and
+    padding carry :data:`IGNORE_INDEX` (InstructGPT §3.5 "Supervised fine-tuning", App. C.1).
+
+    Args:
+        logits: ``[B, T, V]`` (any float dtype; the loss is computed in fp32).
+        labels: ``[B, T]`` token ids aligned with the inputs (position ``t`` is predicted by the logits at ``t − 1``),
+            :data:`IGNORE_INDEX` where there is no loss.
+        num_tokens: the divisor (default: the labelled tokens ``(labels[:, 1:] != IGNORE_INDEX).sum()``); the global
+            count of a batch split over workers, so the workers' partial losses add up to the whole batch's mean;
+            ``1`` for the plain sum.
+    """
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    if num_tokens is None:
+        num_tokens = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return nll / num_tokens

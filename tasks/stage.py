@@ -122,11 +122,6 @@ class StageDir:
         return self.root / "checkpoints"
 
     @property
-    def trainer(self) -> Path:
-        """The transformers Trainer's own folder (SFT's ``checkpoint-N``)."""
-        return self.root / "trainer"
-
-    @property
     def history(self) -> Path:
         """Per-step figures as a JSON list (PPO's curves)."""
         return self.root / "history.json"

@@ -119,7 +119,7 @@ else:
     from rlhf_pipeline.tasks.reward import run_reward
     run_reward(cfg.reward, cfg.model, prepared, model, out)
 """
-# a few demonstrations in batches of 2 (those too long for max_length are dropped): 2 or more steps an epoch, 2 epochs
+# 8 demonstrations in batches of 2 (over-long ones lose the start of their prompt): 4 steps an epoch, 2 epochs
 SFT_OVERRIDES = ["sft.checkpoint_every=1", "sft.epochs=2", "sft.max_examples=8", "sft.batch_size=2",
                  "sft.eval_examples=4", "sft.selection_prompts=2"]
 # 8 train pairs in batches of 4: 2 steps an epoch, 2 epochs; no normalisation pass (not what is tested, and slow)
@@ -202,10 +202,12 @@ def _drop_newer(folders, step: int) -> None:
 
 
 def _kill_sft(inputs, out: Path, step: int) -> None:
+    """Run SFT in a subprocess and SIGKILL it once the checkpoint after ``step`` is complete (its folder appears
+    whole: tasks/checkpoints.py renames it into place), as if exactly then."""
     prepared, base, rm = inputs
     args = [str(PROJECT_ROOT / "params.yaml"), json.dumps(SFT_OVERRIDES), "sft", str(prepared), base, str(out), rm]
-    _kill_when(args, out / "trainer" / f"checkpoint-{step}" / "selection.json", out.parent / "stderr.txt")
-    _drop_newer((out / "trainer").glob("checkpoint-*"), step)
+    _kill_when(args, out / "checkpoints" / f"step-{step:06d}" / "state.json", out.parent / "stderr.txt")
+    _drop_newer((out / "checkpoints").glob("step-*"), step)
 
 
 def test_sft_resume_at_an_epoch_boundary_matches_uninterrupted_run(inputs, sft_reference, tmp_path):
@@ -213,11 +215,13 @@ def test_sft_resume_at_an_epoch_boundary_matches_uninterrupted_run(inputs, sft_r
     the resumed run trains epoch 2 only and ends like the uninterrupted run."""
     reference, ref_log = sft_reference
     per_epoch = int(reference.metrics["steps"]) // 2
-    assert per_epoch >= 2
+    assert per_epoch == 4 and reference.metrics["train_examples"] == 8.0
 
     _kill_sft(inputs, tmp_path / "killed", per_epoch)
-    saved = json.loads((tmp_path / "killed" / "trainer" / f"checkpoint-{per_epoch}" / "selection.json").read_text())
-    assert [h["epoch"] for h in saved["history"]] == [1.0]  # the epoch's evaluation came before its checkpoint
+    saved = json.loads((tmp_path / "killed" / "checkpoints" / f"step-{per_epoch:06d}" / "state.json").read_text())
+    assert saved["step"] == per_epoch and len(saved["history"]) == per_epoch
+    assert [h["epoch"] for h in saved["selector"]["history"]] == [1.0]  # the epoch's evaluation came before its checkpoint
+    assert saved["selector"]["has_weights"]  # and the selector's copy of epoch 1's weights is in its tensors
     recorder = _Recorder()
     resumed = _sft(inputs, tmp_path / "killed", recorder)
     assert resumed.metrics["resumed_from_step"] == float(per_epoch)
@@ -230,13 +234,17 @@ def test_sft_resume_at_an_epoch_boundary_matches_uninterrupted_run(inputs, sft_r
 
 
 def test_sft_resume_mid_epoch_skips_a_torn_checkpoint(inputs, sft_reference, tmp_path):
-    """Killed mid-epoch; the newest checkpoint is made torn (as if the kill fell between the Trainer's files and the
-    selector's): it is discarded and the run resumes from the one before, ending like the uninterrupted run."""
+    """Killed mid-epoch; the newest checkpoint is made torn (its tensors' DCP metadata missing) and a half-written
+    temporary folder of the next is left behind (as a kill during a save leaves it): the torn one is discarded, the
+    temporary one removed, and the run resumes from the one before, ending like the uninterrupted run."""
     reference, _ = sft_reference
+    checkpoints = tmp_path / "killed" / "checkpoints"
     _kill_sft(inputs, tmp_path / "killed", 2)
-    (tmp_path / "killed" / "trainer" / "checkpoint-2" / "selection.json").unlink()
+    (checkpoints / "step-000002" / "tensors" / ".metadata").unlink()
+    shutil.copytree(checkpoints / "step-000001" / "tensors", checkpoints / ".tmp-step-000003" / "tensors")
     resumed = _sft(inputs, tmp_path / "killed")
     assert resumed.metrics["resumed_from_step"] == 1.0
+    assert not list(checkpoints.glob(".tmp-*"))
     assert resumed.metrics["steps"] == reference.metrics["steps"]
     _same_stage(reference, resumed)
 

@@ -147,3 +147,19 @@ def test_ranking_accuracy_ignores_padded_responses():
     rewards = torch.tensor([[3.0, 2.0, 1.0], [2.0, 1.0, 1.0]])
     assert ranking_accuracy(rewards, torch.tensor([3, 2])).tolist() == [1.0, 1.0]
     assert ranking_accuracy(rewards).tolist() == pytest.approx([1.0, 2 / 3])  # counting the padded column
+
+
+def test_sft_loss_counts_labelled_tokens_only():
+    """Uniform logits over 4 tokens: every labelled token costs log 4; IGNORE_INDEX positions (the prompt) cost
+    nothing; ``num_tokens`` divides the sum (a global count when the batch is split over workers)."""
+    from rlhf_pipeline.models.losses import IGNORE_INDEX, sft_loss
+
+    logits = torch.zeros(1, 4, 4, requires_grad=True)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1, 2]])  # position 0 is never predicted; 2 labelled tokens
+    assert sft_loss(logits, labels).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert sft_loss(logits, labels, num_tokens=1).item() == pytest.approx(2 * math.log(4), abs=1e-6)
+    sft_loss(logits, labels).backward()
+    assert logits.grad[0, :1].abs().sum() == 0  # predicting a prompt token gets no gradient
+    assert logits.grad[0, 3].abs().sum() == 0  # nor does the last position (it predicts nothing)
+    # position 1 predicts token 1: softmax − one-hot, over the 2 labelled tokens
+    assert logits.grad[0, 1].tolist() == pytest.approx([0.125, (0.25 - 1) / 2, 0.125, 0.125])
