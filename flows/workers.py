@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import tempfile
 from pathlib import Path
@@ -99,6 +100,9 @@ def _worker_env(tracking_uri: str | None) -> dict[str, str]:
 
 def _run_on_ray(stage, sections: dict, inputs: dict, output_dir: Path, dist_cfg: DistributedConfig, use_gpu: bool,
                 run_id: str | None, tracking_uri: str | None) -> StageResult:
+    if not ray_address(dist_cfg):  # a private cluster: only this process and its workers hold its token (set before
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray is imported: its core reads them when it loads)
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,105 +158,6 @@ def test_reward_fine_tuning_on_two_workers_equals_one_process(tiny_model_path, p
     assert figures["steps"] == two["figures"]["steps"] == 3
     assert two["figures"]["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-5)
     assert two["figures"]["train_accuracy"] == pytest.approx(figures["train_accuracy"])
-
-
-# --- resuming on another number of workers ----------------------------------------------------------------------------
-
-RESUME_OVERRIDES = ["ppo.steps=4", "ppo.checkpoint_every=1", "ppo.batch_size=4", "ppo.mini_batch_size=2",
-                    "ppo.ptx_coef=0"]
-RUN_PPO = """
-import json, sys, torch.distributed as dist
-from rlhf_pipeline.flows.config import load_config
-from rlhf_pipeline.tasks.ppo import run_ppo
-if len(sys.argv) > 7:
-    dist.init_process_group("gloo")
-cfg = load_config(sys.argv[1], "smoke", json.loads(sys.argv[2]))
-run_ppo(cfg.ppo, cfg.model, sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6])
-"""
-
-
-def _ppo_stage(inputs, out: Path):
-    from rlhf_pipeline.flows.config import load_config
-    from rlhf_pipeline.tasks.ppo import run_ppo
-    from tests.conftest import PROJECT_ROOT
-
-    config = load_config(PROJECT_ROOT / "params.yaml", "smoke", RESUME_OVERRIDES)
-    prepared, sft, rm = inputs
-    return run_ppo(config.ppo, config.model, prepared, sft, rm, out)
-
-
-def _kill_at_step_2(inputs, out: Path, workers: int) -> None:
-    """Run PPO (4 steps) in a subprocess, on ``workers`` gloo workers under torchrun when more than one, and SIGKILL
-    its process group once the checkpoint of step 2 is complete."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import PROJECT_ROOT
-
-    script = [str(PROJECT_ROOT / "params.yaml"), json.dumps(RESUME_OVERRIDES), *inputs, str(out)]
-    if workers > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(workers),
-                   "--master_port", str(_free_port()), "--no-python", sys.executable, "-c", RUN_PPO, *script, "dist"]
-    else:
-        command = [sys.executable, "-c", RUN_PPO, *script]
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    target, deadline = out / "checkpoints" / "step-000002" / "state.json", time.time() + 600
-    while not target.exists():
-        assert proc.poll() is None, "PPO ended before its step-2 checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _ppo_stage_worker(rank: int, world_size: int, inputs, out: str) -> None:
-    import json
-
-    result = _ppo_stage(inputs, Path(out))
-    if rank == 0:
-        (Path(out) / "two-workers.json").write_text(json.dumps(result.metrics))
-
-
-@pytest.fixture(scope="module")
-def ppo_inputs(tmp_path_factory, prepared_data, tiny_model_path):
-    from rlhf_pipeline.models.loading import load_tokenizer
-    from rlhf_pipeline.models.reward_model import ScalarHeadModel
-
-    root = tmp_path_factory.mktemp("ppo-inputs")
-    torch.manual_seed(0)
-    ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu")).save_pretrained(root / "rm")
-    load_tokenizer(tiny_model_path).save_pretrained(root / "rm")
-    return str(prepared_data), str(tiny_model_path), str(root / "rm")
-
-
-def test_ppo_saved_on_two_workers_resumes_on_one_and_the_reverse(ppo_inputs, tmp_path):
-    """Sharded checkpoints (DCP) load on any number of workers: PPO on 2 gloo workers killed (SIGKILL) after step 2
-    resumes in one process, and a one-process run killed after step 2 resumes on 2 workers; each finishes the 4 steps
-    with the first two steps' history kept."""
-    import json
-
-    two = tmp_path / "two-then-one"
-    _kill_at_step_2(ppo_inputs, two, workers=2)
-    kept = json.loads((two / "checkpoints" / "step-000002" / "state.json").read_text())
-    assert kept["workers"] == 2
-    resumed = _ppo_stage(ppo_inputs, two)
-    assert resumed.metrics["resumed_from_step"] == 2.0 and resumed.metrics["workers"] == 1.0
-    history = json.loads((two / "history.json").read_text())
-    assert len(history) == 4 and history[:2] == kept["history"]
-    assert (two / "model" / "model.safetensors").is_file()
-
-    one = tmp_path / "one-then-two"
-    _kill_at_step_2(ppo_inputs, one, workers=1)
-    kept = json.loads((one / "checkpoints" / "step-000002" / "state.json").read_text())
-    _spawn(_ppo_stage_worker, 2, ppo_inputs, str(one))
-    metrics = json.loads((one / "two-workers.json").read_text())
-    assert metrics["resumed_from_step"] == 2.0 and metrics["workers"] == 2.0 and metrics["steps"] == 4.0
-    history = json.loads((one / "history.json").read_text())
-    assert len(history) == 4 and history[:2] == kept["history"]
 
 
 # --- SFT --------------------------------------------------------------------------------------------------------------

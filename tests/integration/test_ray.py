@@ -68,16 +68,12 @@ def _stop_cluster(temp_dir: Path) -> None:
 
 
 @pytest.fixture()
-def two_nodes(tmp_path_factory, monkeypatch):
+def two_nodes():
     """A Ray cluster of two nodes on this machine (a head and a second node, one CPU each, token authentication),
-    stopped afterwards; yields the head's address."""
+    stopped afterwards; yields the head's address and the environment a client needs."""
     temp_dir = Path(f"/tmp/rlhf-ray-{secrets.token_hex(3)}")  # short: Ray puts unix sockets in it
     port = _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # the driver (this process) authenticates like the nodes
-        monkeypatch.setenv(key, env[key])
-    import ray
-
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp_dir)]
     try:
         _ray_cli("start", "--head", "--port", str(port), "--include-dashboard", "false",
@@ -85,32 +81,42 @@ def two_nodes(tmp_path_factory, monkeypatch):
                  env=env)
         _ray_cli("start", "--address", f"127.0.0.1:{port}", "--dashboard-agent-listen-port", str(_free_port()),
                  *common, env=env)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", env
     finally:
-        ray.shutdown()
         _stop_cluster(temp_dir)
+
+
+#: the driver of the two-node test, in its own process (Ray's client state stays out of the test process)
+TWO_NODE_DRIVER = """
+import json, sys
+from pathlib import Path
+from rlhf_pipeline.flows.config import load_config
+from rlhf_pipeline.flows.stages import STAGE
+from rlhf_pipeline.flows.workers import run_stage_function
+config = load_config(sys.argv[1], "smoke", json.loads(sys.argv[2]))
+result = run_stage_function(STAGE["reward"], config, {"prepared_dir": sys.argv[3], "sft_model_path": sys.argv[4]},
+                            Path(sys.argv[5]), None)
+print("RESULT " + json.dumps(result.metrics))
+"""
 
 
 def test_a_stage_on_two_ray_nodes_places_its_workers_apart(two_nodes, prepared_data, tiny_model_path, tmp_path):
     """The reward stage (head mode: feature extraction shared out over the workers) with 2 workers, one per node."""
-    from rlhf_pipeline.flows.config import load_config
-    from rlhf_pipeline.flows.stages import STAGE
-    from rlhf_pipeline.flows.workers import run_stage_function
-
-    config = load_config(PROJECT_ROOT / "params.yaml", "smoke", [
-        "reward.mode=head", "reward.max_train_pairs=12", "reward.max_eval_pairs=8", "reward.max_judge_pairs=12",
-        "distributed.workers=2", "distributed.workers_per_node=1", f"distributed.ray_address={two_nodes}",
-        "distributed.timeout_s=120"])
+    address, env = two_nodes
+    overrides = ["reward.mode=head", "reward.max_train_pairs=12", "reward.max_eval_pairs=8",
+                 "reward.max_judge_pairs=12", "distributed.workers=2", "distributed.workers_per_node=1",
+                 f"distributed.ray_address={address}", "distributed.timeout_s=120"]
     out = tmp_path / "reward"
-    start = time.time()
-    result = run_stage_function(STAGE["reward"], config, {"prepared_dir": str(prepared_data),
-                                                         "sft_model_path": str(tiny_model_path)}, out, None)
+    proc = subprocess.run([sys.executable, "-c", TWO_NODE_DRIVER, str(PROJECT_ROOT / "params.yaml"),
+                           json.dumps(overrides), str(prepared_data), str(tiny_model_path), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     workers = [json.loads(p.read_text()) for p in sorted((out / WORKERS_DIR).glob("rank-*.json"))]
     assert [w["rank"] for w in workers] == [0, 1] and all(w["world_size"] == 2 for w in workers)
     assert workers[0]["node_id"] != workers[1]["node_id"]  # one worker on each Ray node
-    assert result.metrics["workers"] == 2.0 and result.metrics["eval_pairs"] == 8.0
-    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and (out / "model" / "config.json").is_file()
-    print(f"two-node reward stage: {time.time() - start:.0f} s")
+    assert metrics["workers"] == 2.0 and metrics["eval_pairs"] == 8.0
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and (out / "model" / "config.json").is_file()
 
 
 def _kill_when(path_glob: Path, pattern: str, folder: Path, rank: int, timeout: float, record: dict) -> None:
