@@ -23,7 +23,6 @@ receives only the tasks it does not hold yet.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 
 from rlhf_pipeline.flows import artifacts, dvc, registry, tracking
 from rlhf_pipeline.flows.config import Config, load_config
+from rlhf_pipeline.flows.feedback import BATCH_ARTIFACT_DIR, batch_path, write_json_atomic
 from rlhf_pipeline.tasks.collect import (
     batch_figures,
     batch_id_of,
@@ -41,9 +41,6 @@ from rlhf_pipeline.tasks.collect import (
     read_prompts,
     sample_texts,
 )
-
-BATCH_ARTIFACT_DIR = "labeling_batch"
-
 
 # ------------------------------------------------------------------------------------------------------------ policy
 
@@ -176,23 +173,6 @@ def load_prompts(config: Config, project: Path, prompts_file: str | None) -> tup
 
 
 # ------------------------------------------------------------------------------------------------------------- batch
-
-
-def batch_path(config: Config, project: Path, batch_id: str) -> Path:
-    """Where a labeling batch file lives: ``<project>/<collect.batches_dir>/<batch_id>.json``."""
-    folder = Path(config.collect.batches_dir)
-    return (folder if folder.is_absolute() else project / folder) / f"{batch_id}.json"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file renamed over ``path`` (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as handle:
-        json.dump(payload, handle, ensure_ascii=False, indent=1)
-        handle.write("\n")
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
 
 
 def collect_batch(config: Config, project: Path, prompts: list[dict], origin: dict, policy: dict) -> tuple[Path, bool]:

@@ -34,6 +34,9 @@ from rlhf_pipeline.tasks.feedback import (
     validate_export,
 )
 
+#: where ``rlhf collect`` logs a labeling batch in its MLflow run
+BATCH_ARTIFACT_DIR = "labeling_batch"
+
 
 def feedback_path(config: Config) -> Path:
     """The file of the comparisons source named ``collect.feedback_source``.
@@ -49,11 +52,26 @@ def feedback_path(config: Config) -> Path:
     return Path(source.path)
 
 
+def batch_path(config: Config, project: Path, batch_id: str) -> Path:
+    """Where a labeling batch file lives: ``<project>/<collect.batches_dir>/<batch_id>.json``."""
+    folder = Path(config.collect.batches_dir)
+    return (folder if folder.is_absolute() else project / folder) / f"{batch_id}.json"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file renamed over ``path`` (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as handle:
+        json.dump(payload, handle, ensure_ascii=False, indent=1)
+        handle.write("\n")
+        tmp = Path(handle.name)
+    os.replace(tmp, path)
+
+
 def find_batch(config: Config, project: Path, batch_id: str) -> dict | None:
     """A labeling batch by id: the project's batch file, else the artifact of the MLflow run tagged
     ``rlhf.batch_id`` (then saved as the project's batch file); ``None`` when neither exists."""
-    from rlhf_pipeline.flows.collect import BATCH_ARTIFACT_DIR, batch_path, write_json_atomic
-
     path = batch_path(config, project, batch_id)
     if path.is_file():
         return json.loads(path.read_text())
