@@ -71,7 +71,9 @@ def prepared_data(tmp_path_factory, shared_data) -> Path:
 
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke")
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    run_validate(config.data, prepared_dir=out)
+    # the shared data only: not the rankings a developer may have imported into this checkout (optional sources)
+    data = config.data.model_copy(update={"comparisons": [s for s in config.data.comparisons if not s.optional]})
+    run_validate(data, prepared_dir=out)
     return out
 
 

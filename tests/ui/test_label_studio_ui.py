@@ -80,7 +80,7 @@ def test_drag_a_response_submit_and_import(tmp_path, monkeypatch, tiny_model_pat
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})  # the whole list in view: a drag needs both ends
             page.set_default_timeout(60_000)
             page.goto(f"{base}/user/login/")
             page.fill("#email", label_studio.username)
