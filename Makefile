@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo smoke test test-fast clean services services-stop
+.PHONY: install demo smoke test test-fast clean services services-stop label-studio label-studio-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ services: $(STAMP)  ## real Prefect + MLflow servers in the background (PostgreS
 
 services-stop:  ## stop what `make services` started
 	$(BIN)/python -m rlhf_pipeline.infra.services stop
+
+# Label Studio for the rankings (`rlhf collect --label-studio`): its own venv and a migrated data template, built once
+# and cached in ~/.cache/rlhf-pipeline; bound to 127.0.0.1, telemetry off, data in .label-studio/ (LABEL_STUDIO_DATA_DIR).
+# The first start creates the admin from LABEL_STUDIO_PASSWORD and LABEL_STUDIO_API_KEY (see README).
+LABEL_STUDIO_PORT ?= 8080
+label-studio: $(STAMP)  ## start Label Studio on 127.0.0.1:$(LABEL_STUDIO_PORT) in the background
+	$(BIN)/python -m rlhf_pipeline.infra.label_studio start --port $(LABEL_STUDIO_PORT)
+
+label-studio-stop:  ## stop what `make label-studio` started (by its PID)
+	$(BIN)/python -m rlhf_pipeline.infra.label_studio stop
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db data/prepared

@@ -1,5 +1,6 @@
 """The ``rlhf`` command line: ``run`` the pipeline, ``prepare`` the data (the DVC stage), ``validate`` a data file,
-``retrain``, ``promote``, ``lineage`` and ``services``.
+``retrain``, ``promote``, ``lineage``, and the human-feedback loop: ``collect`` (responses for labelers) and
+``import-rankings`` (their rankings back into the data).
 
 Heavy libraries (torch, Prefect, MLflow, GX) are imported inside the commands, so ``rlhf --help`` stays fast.
 """
@@ -125,6 +126,9 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
         status = entry["status"] + (f" (run {entry['mlflow_run_id'][:8]})" if entry["status"] == "reused" else "")
         table.add_row(stage, status, "  ".join(figures))
     console.print(table)
+    for batch in summary["data"].get("labeling_batches") or []:
+        console.print(f"labeling batch {batch['batch_id']} in the data: {batch['rows']} ranked comparisons "
+                      f"(policy {batch['policy_version']})", highlight=False)
     verdict = summary["stages"].get("evaluate", {}).get("metrics", {}).get("judge_verdict")
     if verdict:
         console.print(f"judge: {verdict}")
@@ -336,6 +340,112 @@ def lineage(
                   f"{report['tensors']} tensors → {'[green]reproduced[/]' if report['reproduced'] else '[red]differs[/]'}")
     if not report["reproduced"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def collect(
+    profile: str = typer.Option("demo", help="whose policy and settings (smoke: rlhf-policy-smoke, 4 short prompts)"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (the `collect` section)"),
+    prompts: Optional[Path] = typer.Option(None, help="prompts file in any input format (default: the prepared prompts "
+                                                      "of collect.split)"),
+    policy: Optional[str] = typer.Option(None, help="champion (default) | models:/NAME/VERSION | NAME@ALIAS | a run's "
+                                                    "output folder (its SFT model) | a model folder"),
+    label_studio: Optional[str] = typer.Option(None, "--label-studio", help="Label Studio URL: create or reuse the "
+                                               "ranking project and import the batch (token from $LABEL_STUDIO_API_KEY)"),
+    project: Optional[str] = typer.Option(None, help="Label Studio project title (default collect.label_studio_project)"),
+    k: Optional[int] = typer.Option(None, help="responses per prompt, 4..9 (collect.k)"),
+    num_prompts: Optional[int] = typer.Option(None, help="prompts in the batch (collect.num_prompts)"),
+    seed: Optional[int] = typer.Option(None, help="another seed draws another batch (collect.seed)"),
+    set_: list[str] = typer.Option([], "--set", help="override a value: section.key=value (repeatable)"),
+) -> None:
+    """Sample K responses per prompt from a registered policy into a labeling batch (logged to MLflow with the policy
+    version) and, with --label-studio, put it into the ranking project. Runs the Prefect flow `rlhf-collect`."""
+    _quiet_defaults()
+    console = _console()
+    overrides = list(set_) + [f"collect.{name}={value}" for name, value in
+                              (("k", k), ("num_prompts", num_prompts), ("seed", seed)) if value is not None]
+    _load_config_or_exit(console, config, profile, overrides)
+    if label_studio and not os.environ.get("LABEL_STUDIO_API_KEY"):
+        console.print("[bold red]set LABEL_STUDIO_API_KEY[/] to the Label Studio API token (the one `make label-studio` "
+                      "created the admin with, or Account & Settings → Access Token)")
+        raise typer.Exit(2)
+    from rlhf_pipeline.flows.collect import rlhf_collect
+
+    project_dir = config.resolve().parent
+    try:
+        result = rlhf_collect(profile=profile, config_path=str(config.resolve()), project_dir=str(project_dir),
+                              overrides=overrides, prompts_file=str(prompts.resolve()) if prompts else None,
+                              policy=policy, label_studio_url=label_studio, label_studio_project=project)
+    except Exception as exc:
+        console.print(f"[bold red]collect failed:[/] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    what = "reused" if result["reused"] else "sampled"
+    console.print(f"labeling batch [bold]{result['batch_id']}[/] ({what}): {result['tasks']} tasks from policy "
+                  f"{result['policy']['version']}\n  file: {result['batch_path']}\n  MLflow run: {result['mlflow_run_id']}",
+                  highlight=False)
+    for item in result["skipped"]:
+        console.print(f"  prompt {item['prompt_id']} left out: {item['distinct']} distinct responses after "
+                      f"{item['drawn']} samples ({item['rule']})", highlight=False)
+    pushed = result.get("label_studio")
+    if pushed:
+        console.print(f"Label Studio: {pushed['imported']} tasks imported, {pushed['already_there']} already there; "
+                      f"rank them at {pushed['url']}", highlight=False)
+    console.print(f"then: rlhf import-rankings --label-studio URL --batch {result['batch_id']}", highlight=False)
+
+
+@app.command("import-rankings")
+def import_rankings(
+    label_studio: Optional[str] = typer.Option(None, "--label-studio", help="Label Studio URL to export from (token "
+                                               "from $LABEL_STUDIO_API_KEY)"),
+    export: Optional[Path] = typer.Option(None, help="a Label Studio JSON export file instead of the API"),
+    project: Optional[str] = typer.Option(None, help="Label Studio project title or id (default "
+                                                     "collect.label_studio_project)"),
+    batch: list[str] = typer.Option([], help="import only this labeling batch (repeatable; default: all)"),
+    profile: str = typer.Option("demo", help="profile of the configuration"),
+    config: Path = typer.Option(Path("params.yaml"), help="parameter file (data.comparisons names the feedback file)"),
+    push: bool = typer.Option(True, help="`dvc push` the feedback file when the project has a DVC remote"),
+) -> None:
+    """Validate labelers' rankings (GX: complete permutations of the task's response ids, known batches and tasks, no
+    empty annotations), convert them to K-wise comparisons and append the new ones to the feedback source; the export
+    is refused whole, naming task ids and rules, when anything is wrong."""
+    _quiet_defaults()
+    console = _console()
+    if (label_studio is None) == (export is None):
+        console.print("[bold red]give exactly one of --label-studio URL and --export FILE[/]")
+        raise typer.Exit(2)
+    cfg = _load_config_or_exit(console, config, profile)
+    from rlhf_pipeline.flows.feedback import import_rankings as run_import
+    from rlhf_pipeline.flows.label_studio import LabelStudioError
+    from rlhf_pipeline.tasks.feedback import ImportRefused
+
+    try:
+        report = run_import(cfg, config.resolve().parent, export_file=export, label_studio_url=label_studio,
+                            label_studio_project=project, batch_ids=batch or None, push=push)
+    except ImportRefused as exc:
+        console.print(f"[bold red]rankings refused[/]\n{exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except (LabelStudioError, ValueError, RuntimeError) as exc:
+        console.print(f"[bold red]import failed:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"{report['origin']}: {report['tasks']} tasks; [bold]{report['appended']} new ranked comparisons[/] "
+                  f"appended to {report['path']}; {len(report['already_imported'])} imported before", highlight=False)
+    for entry in report["batches"]:
+        console.print(f"  batch {entry['batch_id']}: {entry['rows']} rows (policy {entry['policy_version']})",
+                      highlight=False)
+    if report["pending"]:
+        console.print(f"  {len(report['pending'])} tasks wait for more rankings (collect.annotators_per_task)")
+    if report["cancelled"]:
+        console.print(f"  {report['cancelled']} skipped (cancelled) annotations set aside")
+    if report["unchanged_display_order"]:
+        console.print(f"  [yellow]{report['unchanged_display_order']} rankings equal the order shown[/] (submitted "
+                      "without moving anything?); they are kept")
+    if report["changed_after_import"]:
+        console.print(f"  [yellow]{len(report['changed_after_import'])} tasks were ranked differently after their "
+                      f"import; the first import is kept[/]: {', '.join(report['changed_after_import'][:10])}")
+    if report["dvc"]:
+        console.print(f"  {report['dvc']}", highlight=False)
+    if report["appended"]:
+        console.print("the data version changes with the next `rlhf retrain` (or `dvc repro prepare`)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ logged as MLflow params and key the caches.
 
 The section a stage reads is declared beside the stage (``DataConfig`` in :mod:`rlhf_pipeline.tasks.validate`,
 ``SFTConfig`` in :mod:`rlhf_pipeline.tasks.sft`, ...); this module composes them and adds the sections only the
-orchestration reads (registry, cache, retrain).
+orchestration reads (registry, cache, retrain); ``collect`` (the human-feedback loop) is declared beside its task in
+:mod:`rlhf_pipeline.tasks.collect`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from rlhf_pipeline.flows.workers import DistributedConfig
+from rlhf_pipeline.tasks.collect import CollectConfig
 from rlhf_pipeline.tasks.evaluate import EvaluateConfig
 from rlhf_pipeline.tasks.ppo import PPOConfig
 from rlhf_pipeline.tasks.promotion import PromotionConfig
@@ -81,6 +83,7 @@ class Config(Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    collect: CollectConfig = Field(default_factory=CollectConfig)
 
     def section_hash(self, section: str) -> str:
         """A short sha256 of one section's resolved values."""

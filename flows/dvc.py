@@ -81,6 +81,19 @@ def prepare_data(config: Config, strict: bool = False) -> dict:
                         strict=strict)
 
 
+def ensure_optional_sources(config: Config) -> list[Path]:
+    """Create an empty file for each ``optional`` data source that does not exist yet (the human-feedback comparisons
+    before the first ``rlhf import-rankings``): DVC refuses to run a stage whose dependency is missing, and an empty
+    file adds no rows. Returns the files created."""
+    created = []
+    for source in [*config.data.comparisons, *config.data.demonstrations]:
+        if source.optional and source.path and not Path(source.path).exists():
+            Path(source.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(source.path).touch()
+            created.append(Path(source.path))
+    return created
+
+
 def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
     """``dvc repro prepare`` in ``project_dir`` (runs ``rlhf prepare`` only when its inputs changed).
 
@@ -93,6 +106,7 @@ def dvc_repro_prepare(project_dir: Path, config: Config) -> None:
 
     failure = failure_file(config)
     failure.unlink(missing_ok=True)
+    ensure_optional_sources(config)
     proc = _dvc(project_dir, "repro", "prepare")
     for line in (proc.stdout + proc.stderr).splitlines():
         if line.strip():

@@ -2,9 +2,10 @@
 
 Every registered version carries tags set by the pipeline: ``rlhf.data_version`` (content hash of the prepared
 datasets), ``rlhf.git_commit``, ``rlhf.code_version`` (hash of ``flows/``, ``tasks/``, ``models/``),
-``rlhf.params_hash``, ``rlhf.mlflow_parent_run_id``, ``rlhf.prefect_flow_run_id``, the stages' cache keys and the
-promotion decision. The parent run holds the resolved configuration as ``config.json``; the SFT stage run records the
-reward model that picked its checkpoint. :func:`reproduce` re-runs the pipeline from exactly that configuration with no
+``rlhf.params_hash``, ``rlhf.mlflow_parent_run_id``, ``rlhf.prefect_flow_run_id``, the stages' cache keys, the
+labeling batches whose human rankings the data holds (``rlhf.labeling_batches``) and the promotion decision. The
+parent run holds the resolved configuration as ``config.json``; the SFT stage run records the reward model that picked
+its checkpoint. :func:`reproduce` re-runs the pipeline from exactly that configuration with no
 cache and no registration and compares the policy's weights with the registered ones.
 """
 
@@ -16,7 +17,7 @@ from rlhf_pipeline.flows import registry
 
 LINEAGE_TAGS = ("rlhf.profile", "rlhf.base_model", "rlhf.data_version", "rlhf.git_commit", "rlhf.code_version",
                 "rlhf.params_hash", "rlhf.mlflow_parent_run_id", "rlhf.prefect_flow_run_id", "rlhf.reward_model_version",
-                "rlhf.sft_cache_key", "rlhf.reward_cache_key", "rlhf.ppo_cache_key")
+                "rlhf.sft_cache_key", "rlhf.reward_cache_key", "rlhf.ppo_cache_key", "rlhf.labeling_batches")
 
 
 def model_lineage(ref: str) -> dict:
@@ -94,6 +95,8 @@ def format_lineage(chain: dict) -> list[str]:
         lines.append(f"│     {branch} {stage['stage']}: run {stage['run_id']} {stage['status']}{reused}")
     lines += [
         f"├─ data version {t.get('rlhf.data_version', '-')} (content hash of data/prepared; `dvc.lock` of that commit)",
+        *([f"│  └─ human rankings from labeling batches {t['rlhf.labeling_batches']} (`rlhf collect` runs tagged "
+            "rlhf.batch_id)"] if t.get("rlhf.labeling_batches") else []),
         f"├─ git commit {t.get('rlhf.git_commit', '-')}, code version {t.get('rlhf.code_version', '-')}",
         f"├─ profile {t.get('rlhf.profile', '-')}, base model {t.get('rlhf.base_model', '-')}, params hash "
         f"{t.get('rlhf.params_hash', '-')} (the resolved config: artifact config.json of the pipeline run)",

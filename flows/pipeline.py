@@ -198,12 +198,20 @@ class PipelineRun:
         return outcome
 
     def set_data(self, data: DataOutcome) -> None:
-        """Record the data version and derive every stage's cache key from it."""
-        self.summary.update(data={"version": data.version, **data.counts})
+        """Record the data version (and the labeling batches whose rankings it holds) and derive every stage's cache
+        key from it."""
+        from rlhf_pipeline.flows.feedback import labeling_batches
+
+        batches = labeling_batches(self.config)
+        self.summary.update(data={"version": data.version, **data.counts, "labeling_batches": batches})
         self.ctx.tags["rlhf.data_version"] = data.version
         from mlflow import MlflowClient
 
         MlflowClient().set_tag(self.ctx.parent_run_id, "rlhf.data_version", data.version)
+        if batches:  # lineage: the tag on every stage run and registered version; the full list as an artifact
+            self.ctx.tags["rlhf.labeling_batches"] = batches_tag(batches)
+            MlflowClient().set_tag(self.ctx.parent_run_id, "rlhf.labeling_batches", self.ctx.tags["rlhf.labeling_batches"])
+            MlflowClient().log_dict(self.ctx.parent_run_id, batches, "labeling_batches.json")
         for stage in STAGES:
             if stage.cached:
                 self.ctx.keys[stage.name] = stage_key(stage.name, self.config, data.version, self.ctx.keys)
@@ -223,6 +231,21 @@ class PipelineRun:
     def finish(self) -> dict:
         tracking.end_run(self.ctx.parent_run_id, "FINISHED")
         return self.summary.data
+
+
+def batches_tag(batches: list[dict], limit: int = 4000) -> str:
+    """The tag ``rlhf.labeling_batches``: batch ids joined by commas, cut to ``limit`` characters with a count of the
+    rest (the parent run's ``labeling_batches.json`` lists them all)."""
+    ids = [b["batch_id"] for b in batches]
+    text = ",".join(ids)
+    if len(text) <= limit:
+        return text
+    kept = []
+    for batch_id in ids:
+        if len(",".join(kept + [batch_id])) > limit - 40:
+            break
+        kept.append(batch_id)
+    return ",".join(kept) + f",... {len(ids) - len(kept)} more (labeling_batches.json)"
 
 
 @flow(name="rlhf-pipeline")

@@ -102,8 +102,10 @@ def rlhf_retrain(
     logger.info("retraining: %s", changed[0])
     summary = rlhf_pipeline(config=config, project_dir=str(project), output_dir=output_dir)
     promotion = summary.get("promotion") or {}
+    batches = [f"`{b['batch_id']}`" for b in summary["data"].get("labeling_batches") or []]
+    rankings = f" (human rankings of labeling batches {', '.join(batches)})" if batches else ""
     artifacts.retrain_artifact(False, (
-        f"**retrained** ({changed[0]}): data version `{version}`, parent run "
+        f"**retrained** ({changed[0]}): data version `{version}`{rankings}, parent run "
         f"`{summary['mlflow_parent_run_id']}`; promotion: {'promoted' if promotion.get('promoted') else 'not promoted'}"
         "\n\n" + "\n".join(f"- {r}" for r in promotion.get("reasons", [])) + "\n"))
     return {**summary, "skipped": False}

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -107,6 +108,9 @@ def _row_id(row: Any) -> str | None:
 def _read_source(dataset: str, source: "SourceConfig", config: "DataConfig", records: list[dict],
                  invalid: list[dict]) -> dict:
     allowed = COMPARISON_FORMATS if dataset == "comparisons" else DEMONSTRATION_FORMATS
+    if source.optional and source.path and not Path(source.path).exists():
+        return {"dataset": dataset, "name": source.name, "origin": f"{source.path} (optional, absent)",
+                "format": source.format, "rows": 0}
     origin, rows = source_rows(source)
     fmt = None if source.format == "auto" else source.format
     if fmt is not None and fmt not in allowed:

@@ -48,7 +48,8 @@ class SourceConfig(Section):
 
     ``path`` is a local file (JSON, JSON lines, optionally gzip, Parquet, CSV); ``hf_dataset`` is the public dataset the
     same source resolves to when ``path`` is absent and a hub is reachable. ``format`` is detected from the rows when
-    ``auto``.
+    ``auto``. An ``optional`` source whose file does not exist yet adds no rows (the human-feedback comparisons before
+    the first ``rlhf import-rankings``).
     """
 
     name: str
@@ -57,6 +58,7 @@ class SourceConfig(Section):
     hf_config: str | None = None
     hf_split: str = "train"
     format: Literal["auto", "hh_rlhf", "prompt_chosen_rejected", "kwise", "messages", "alpaca", "seed_tasks"] = "auto"
+    optional: bool = False
 
 
 class DataConfig(Section):

@@ -72,7 +72,9 @@ def prepared_data(tmp_path_factory, shared_data) -> Path:
 
     config = load_config(PROJECT_ROOT / "params.yaml", "smoke")
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    run_validate(config.data, prepared_dir=out)
+    # the shared data only: not the rankings a developer may have imported into this checkout (optional sources)
+    data = config.data.model_copy(update={"comparisons": [s for s in config.data.comparisons if not s.optional]})
+    run_validate(data, prepared_dir=out)
     return out
 
 
@@ -127,3 +129,21 @@ def small_data_config(tmp_path: Path, comparisons: list[SourceConfig] | None = N
         demo = write_jsonl(tmp_path / "demos.jsonl", [{"instruction": "Say hi.", "input": "", "output": "Hi!"}])
         demonstrations = [SourceConfig(name="demos", path=str(demo))]
     return DataConfig(comparisons=comparisons or [], demonstrations=demonstrations, min_rows=FEW)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio server for the session: its own venv and a migrated data template (both cached under
+    ~/.cache/rlhf-pipeline, built on first use), a data directory copied from the template, a free port on 127.0.0.1,
+    a throwaway admin and API token. Stopped by its PID at the end."""
+    import secrets
+    from types import SimpleNamespace
+
+    from rlhf_pipeline.infra import label_studio as ls
+
+    credentials = {"username": "admin@localhost", "password": secrets.token_hex(8), "api_key": secrets.token_hex(20)}
+    server = ls.start(tmp_path_factory.mktemp("label-studio") / "data", ls.free_port(), credentials=credentials)
+    try:
+        yield SimpleNamespace(url=server.url, pid=server.pid, data_dir=server.data_dir, **credentials)
+    finally:
+        ls.stop_pid(server.pid)

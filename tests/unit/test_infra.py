@@ -13,7 +13,8 @@ import yaml
 from tests.conftest import PROJECT_ROOT
 
 INFRA = PROJECT_ROOT / "infra"
-FLOWS = {"flows/pipeline.py:rlhf_pipeline": "rlhf-pipeline", "flows/retrain.py:rlhf_retrain": "rlhf-retrain"}
+FLOWS = {"flows/pipeline.py:rlhf_pipeline": "rlhf-pipeline", "flows/retrain.py:rlhf_retrain": "rlhf-retrain",
+         "flows/collect.py:rlhf_collect": "rlhf-collect"}
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +63,16 @@ def test_deployments_pools_and_entrypoints(deployments):
         "rlhf-pipeline", "rlhf-retrain",
         "rlhf-pipeline-docker", "rlhf-retrain-docker",
         "rlhf-pipeline-kubernetes", "rlhf-retrain-kubernetes",
+        "rlhf-collect",
     }
     for name, deployment in deployments.items():
-        flow = "rlhf-pipeline" if name.startswith("rlhf-pipeline") else "rlhf-retrain"
+        flow = next(f for f in ("rlhf-pipeline", "rlhf-retrain", "rlhf-collect") if name.startswith(f))
         assert FLOWS[deployment["entrypoint"]] == flow, name
         pool = deployment["work_pool"]["name"]
         suffix = name.removeprefix(flow)
         assert pool == {"": "rlhf-process", "-docker": "rlhf-docker", "-kubernetes": "rlhf-kubernetes"}[suffix], name
-    # the default (single machine) pair; the process deployments run in the folder `prefect deploy` ran in
-    for name in ("rlhf-pipeline", "rlhf-retrain"):
+    # the default (single machine) ones; the process deployments run in the folder `prefect deploy` ran in
+    for name in ("rlhf-pipeline", "rlhf-retrain", "rlhf-collect"):
         pull = deployments[name]["pull"][0]["prefect.deployments.steps.set_working_directory"]
         build = deployments[name]["build"][0]["prefect.deployments.steps.run_shell_script"]
         assert pull["directory"] == "{{ " + build["id"] + ".stdout }}" and build["script"] == "pwd"
@@ -261,6 +263,10 @@ def test_makefile_targets():
     assert re.search(r"^services:.*\n\t.*-m rlhf_pipeline\.infra\.services start", makefile, flags=re.M)
     assert re.search(r"^services-stop:.*\n\t.*-m rlhf_pipeline\.infra\.services stop", makefile, flags=re.M)
     assert "/.services/" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
+    assert re.search(r"^label-studio:.*\n\t.*-m rlhf_pipeline\.infra\.label_studio start --port \$\(LABEL_STUDIO_PORT\)",
+                     makefile, flags=re.M)
+    assert re.search(r"^label-studio-stop:.*\n\t.*-m rlhf_pipeline\.infra\.label_studio stop", makefile, flags=re.M)
+    assert "/.label-studio/" in (PROJECT_ROOT / ".gitignore").read_text().splitlines()
 
 
 # --- Ray: KubeRay cluster, compose head and GPU worker, RAY_ADDRESS in the pools ---------------------------------------
