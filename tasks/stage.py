@@ -17,13 +17,13 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
     """Base of every configuration section: unknown keys are errors (a typo never passes silently)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / inf are never a setting
 
 
 def section_hash(section: BaseModel) -> str:
@@ -37,10 +37,10 @@ class ModelConfig(Section):
     the bundled GGUF converted once; ``tiny-random``, the test model; a local folder or a Hugging Face id), the model
     cache, the device and the seed."""
 
-    base: str = "smollm2-135m-instruct"
-    cache_dir: str | None = None  # default ~/.cache/rlhf-pipeline
+    base: str = Field("smollm2-135m-instruct", min_length=1)
+    cache_dir: str | None = Field(None, min_length=1)  # default ~/.cache/rlhf-pipeline
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)  # numpy's range
 
 
 class MetricLogger(Protocol):
