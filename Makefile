@@ -47,4 +47,4 @@ services-stop:  ## stop what `make services` started
 	$(BIN)/python -m rlhf_pipeline.infra.services stop
 
 clean:
-	rm -rf runs mlruns mlartifacts mlflow.db data/prepared
+	rm -rf runs mlruns mlartifacts mlflow.db data/prepared data/versions
