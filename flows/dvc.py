@@ -4,6 +4,16 @@ records.
 
 DVC runs as a subprocess in the project folder (its Python API resolves targets against the process's working
 directory), with this environment's ``bin`` first on ``PATH`` so the stage's command is this installation's ``rlhf``.
+
+Data versions, and why nothing is lost (:func:`prepare_version`):
+
+- the stage's output ``data/prepared`` is ``persist: true`` in ``dvc.yaml``, so DVC does not delete it before running
+  ``rlhf prepare``; ``rlhf prepare`` builds and gates the new version in memory, writes it into a temporary folder
+  beside ``data/prepared`` and swaps it in by rename only after the gate passed. A failed gate or an unreadable source
+  leaves the last good version (and ``dvc.lock``) as they were, and the error says so. The DVC output keeps holding
+  the data itself, so ``dvc push`` / ``dvc pull`` / ``dvc checkout`` work as before and its hash is the data version;
+- preparing holds the data lock (:func:`rlhf_pipeline.flows.locks.data_lock`): a second prepare waits;
+- a run reads ``data/versions/<data version>/``, an immutable copy made under the lock, never ``data/prepared``.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ class PipelineRun:
 
     def set_data(self, data: DataOutcome) -> None:
         """Record the data version and derive every stage's cache key from it."""
-        self.summary.update(data={"version": data.version, **data.counts})
+        self.summary.update(data={"version": data.version, "dir": data.output_dir, **data.counts})
         self.ctx.tags["rlhf.data_version"] = data.version
         from mlflow import MlflowClient
 

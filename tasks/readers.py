@@ -1,6 +1,7 @@
 """Reading input files and datasets into numbered rows: JSON lines (``.jsonl``, ``.ndjson``), JSON, CSV and Parquet
 (``.gz`` on the text formats), or a Hugging Face dataset when a hub is reachable. Row numbers are 1-based (the line of
-a JSON-lines file, the row of a CSV or Parquet file, the element of a JSON list)."""
+a JSON-lines file, the row of a CSV or Parquet file, the element of a JSON list), the same for every entry point; a
+row that cannot be decoded is an invalid row under its number, and ``row -`` names a problem of the whole file."""
 
 from __future__ import annotations
 
@@ -221,6 +222,12 @@ def _read_hub(source: "SourceConfig") -> Iterator[tuple[int, Any]]:
 
 
 def source_rows(source: "SourceConfig") -> tuple[str, Iterator[tuple[int, Any]]]:
+    """Where a source's rows come from (its local file, else its hub dataset) and the rows, numbered as
+    :func:`read_rows` numbers them.
+
+    Raises:
+        DataError: neither the file nor a hub dataset is there (``file_missing``, ``no_location``).
+    """
     if source.path and Path(source.path).is_file():
         return str(source.path), read_rows(source.path)
     if source.hf_dataset:
