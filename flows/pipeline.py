@@ -168,10 +168,12 @@ class PipelineRun:
         self.summary = Summary(out / "summary.json")
         experiment_id = tracking.setup_mlflow(project, config.registry.experiment)  # also closes runs left by a kill
         uri = tracking.redact_uri(tracking.tracking_uri(project))  # shown and stored: never a password
-        with promotion_lock(project):  # a promotion killed half-way is completed before SFT reads the champion RM
-            repaired = registry.repair_champions(config.registry.policy_name, config.registry.reward_model_name)
-        if repaired:
-            get_run_logger().warning("champion pair repaired: %s", repaired)
+        names = (config.registry.policy_name, config.registry.reward_model_name)
+        if registry.champions_need_repair(*names):  # a promotion killed half-way, completed before SFT reads the RM
+            with promotion_lock(project):
+                repaired = registry.repair_champions(*names)
+            if repaired:
+                get_run_logger().warning("champion pair repaired: %s", repaired)
         tags = {"rlhf.profile": config.profile, "rlhf.base_model": config.model.base,
                 "rlhf.git_commit": dvc.git_commit(project), "rlhf.prefect_flow_run_id": flow_run_id or "",
                 "rlhf.params_hash": config.params_hash(), "rlhf.code_version": code_version()}

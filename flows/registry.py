@@ -232,6 +232,25 @@ def move_champions(policy_name: str, reward_model_name: str, policy_version: int
     client.delete_registered_model_tag(policy_name, MOVE_TAG)
 
 
+def champions_need_repair(policy_name: str, reward_model_name: str) -> bool:
+    """Whether :func:`repair_champions` has work to do (a journal left behind, or two champions that are not a pair);
+    read-only, so a run checks without taking the promotion lock."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        if client.get_registered_model(policy_name).tags.get(MOVE_TAG):
+            return True
+    except MlflowException:
+        return False
+    policy = champion_version(policy_name)
+    if policy is None:
+        return False
+    paired = client.get_model_version(policy_name, str(policy)).tags.get("rlhf.reward_model_version")
+    return bool(paired) and champion_version(reward_model_name) != int(paired)
+
+
 def repair_champions(policy_name: str, reward_model_name: str) -> str | None:
     """Make the two champions a pair again: complete a move that a killed process left half done (its journal), or,
     without a journal, point the reward model's ``champion`` at the reward model of the policy champion's run (tag

@@ -98,11 +98,12 @@ def test_champion_pair_moves_as_one_even_when_killed_between_the_moves(mlflow_ur
     assert registry.champion_version(rm) == 2 and registry.champion_version(policy) == 1  # the half-done move
     assert json.loads(client.get_registered_model(policy).tags[registry.MOVE_TAG])["policy"] == 2
 
+    assert registry.champions_need_repair(policy, rm)
     repaired = registry.repair_champions(policy, rm)  # what the next run, promotion or rollback does first
     assert repaired and "completed an interrupted champion move" in repaired
     assert (registry.champion_version(policy), registry.champion_version(rm)) == (2, 2)
     assert registry.MOVE_TAG not in client.get_registered_model(policy).tags
-    assert registry.repair_champions(policy, rm) is None  # consistent now
+    assert registry.repair_champions(policy, rm) is None and not registry.champions_need_repair(policy, rm)
 
     # rollback moves both back along the policy's chain, as one move
     assert registry.rollback(policy, rm) == {"policy": (2, 1), "reward_model": (2, 1)}
