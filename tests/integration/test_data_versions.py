@@ -29,10 +29,10 @@ def _write_gz(path: Path, lines: list[str]) -> None:
 
 
 def test_a_failed_prepare_keeps_the_last_good_version_and_prepares_wait(tmp_path, shared_data):
-    """Issue 11, item 1: DVC no longer deletes data/prepared before `rlhf prepare` runs (persist), the new version is
-    built and gated aside and published by one rename, so a truncated source fails with one clear error that says the
-    last good version is kept, and the version a run reads never changes; two prepares at once both succeed, the
-    second after the first (no "is busy")."""
+    """Issue 11, item 1: two prepares at once both succeed, the second after the first (no "is busy"); DVC no longer
+    deletes data/prepared before `rlhf prepare` runs (persist), the new version is built and gated aside and published
+    by one rename, so a truncated source fails with one clear error that says the last good version is kept, and the
+    version a run reads never changes."""
     lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
     source = tmp_path / "incoming" / "comparisons.jsonl.gz"
     source.parent.mkdir()
@@ -40,9 +40,27 @@ def test_a_failed_prepare_keeps_the_last_good_version_and_prepares_wait(tmp_path
     project = make_project(tmp_path / "project", shared_data, comparisons=source)
     config = load_config(project / "params.yaml", "smoke")
 
-    good = dvc.prepare_version(project, config)
+    # two runs prepare at once: the second waits for the first's lock (no "is busy"), then finds the version made
+    results, errors, waited = [], [], []
+
+    def prepare(log):
+        try:
+            results.append(dvc.prepare_version(project, config, log=log))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare, args=(waited.append,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors
+    assert len(results) == 2 and results[0] == results[1]
+    assert sum("waiting for it to finish" in line for line in waited) == 1  # one waited for the other
+    good = results[0]
     version = good.name
     assert data_version(project / "data/prepared") == version and data_version(good) == version
+    assert json.loads((good / "report.json").read_text())["counts"]["comparisons"]["total"] == 299
     lock = (project / "dvc.lock").read_text()
 
     whole = source.read_bytes()  # the file is cut short in transfer
@@ -55,26 +73,6 @@ def test_a_failed_prepare_keeps_the_last_good_version_and_prepares_wait(tmp_path
     assert data_version(project / "data/prepared") == version  # DVC did not delete it, prepare did not replace it
     assert data_version(good) == version and (project / "dvc.lock").read_text() == lock
 
-    # new rows arrive while two runs prepare at once: both get the new version, one after the other
-    _write_gz(source, lines[:400])
-    results, errors, waited = [], [], []
-
-    def prepare(log):
-        try:
-            results.append(dvc.prepare_version(project, config, log=log))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=prepare, args=(log,)) for log in (lambda m: None, waited.append)]
-    threads[0].start()
-    threads[1].start()
-    for thread in threads:
-        thread.join(timeout=600)
-    assert not errors, errors
-    assert len(results) == 2 and results[0] == results[1] != good
-    assert data_version(project / "data/prepared") == results[0].name and data_version(good) == version
-    assert json.loads((results[0] / "report.json").read_text())["counts"]["comparisons"]["total"] == 399
-
     # without DVC (a --set data.* run) the same: too many invalid rows fail the gate and keep the last version
     broken = [json.loads(line) for line in lines[:400]]
     for row in broken[:40]:
@@ -84,8 +82,8 @@ def test_a_failed_prepare_keeps_the_last_good_version_and_prepares_wait(tmp_path
     other = load_config(project / "params.yaml", "smoke", [f"data.comparisons=[{{name: hh, path: {bad}}}]"])
     with pytest.raises(ValidationFailed) as info:
         dvc.prepare_version(project, other)
-    assert f"the last good data version {results[0].name}" in str(info.value)
-    assert data_version(project / "data/prepared") == results[0].name
+    assert f"the last good data version {version}" in str(info.value)
+    assert data_version(project / "data/prepared") == version and data_version(good) == version
 
 
 def test_a_fresh_checkout_reproduces_the_committed_dvc_lock(tmp_path, shared_data):
