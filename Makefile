@@ -57,4 +57,4 @@ label-studio-stop:  ## stop what `make label-studio` started (by its PID)
 	$(BIN)/python -m rlhf_pipeline.infra.label_studio stop
 
 clean:
-	rm -rf runs mlruns mlartifacts mlflow.db data/prepared
+	rm -rf runs mlruns mlartifacts mlflow.db data/prepared data/versions

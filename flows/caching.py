@@ -30,7 +30,6 @@ from pathlib import Path
 
 from rlhf_pipeline.flows.config import Config
 from rlhf_pipeline.flows.stages import STAGE
-from rlhf_pipeline.tasks.stage import StageDir
 
 #: the folder holding ``flows/``, ``tasks/`` and ``models/`` (the project in a checkout, the package when installed)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -128,37 +127,52 @@ def stage_key(stage: str, config: Config, data_version: str, upstream: dict[str,
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def find_reusable(experiment_id: str, stage: str, key: str) -> dict | None:
-    """The newest finished run of ``stage`` with cache key ``key`` whose outputs are still on disk.
+def file_digests(path: str | Path) -> dict[str, str]:
+    """``{file: sha256}`` of a file, or of every file under a folder (paths as given plus the relative part), sorted:
+    what a stage wrote, recorded in its ``result.json`` when it finishes and checked before it is reused."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    out = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        out[str(file)] = digest.hexdigest()
+    return out
+
+
+def outputs_digest(paths) -> str:
+    """One sha256 over the contents of ``paths`` (files or folders; names relative to each path, so a copy elsewhere
+    has the same digest): the identity of a model's weights for the registry."""
+    digest = hashlib.sha256()
+    for path in paths:
+        root = Path(path)
+        for file, sha in file_digests(root).items():
+            relative = Path(file).relative_to(root).as_posix() if root.is_dir() else root.name
+            digest.update(f"{relative}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def check_digests(recorded: dict[str, str], paths) -> str | None:
+    """Compare the files under ``paths`` with the digests recorded when they were written.
 
     Returns:
-        ``{"paths", "metrics", "mlflow_run_id", "output_dir"}`` of that run (what the stage's task returns), or
-        ``None`` on a miss.
+        ``None`` when they match, else the first problem naming the file (missing, changed, or not recorded).
     """
-    from mlflow import MlflowClient
-
-    runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`rlhf.cache_key` = '{key}' and tags.`rlhf.stage` = '{stage}' "
-                      "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        max_results=20,
-    )
-    for run in runs:
-        if run.data.tags.get("rlhf.reused_run_id"):
-            continue  # a record of an earlier reuse; the original run is the one to point at
-        folder = run.data.tags.get("rlhf.output_dir")
-        if not folder:
-            continue
-        result_file = StageDir(folder).result
-        try:
-            result = json.loads(result_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if result.get("cache_key") != key:
-            continue
-        if not all(Path(p).exists() for p in result.get("paths", {}).values()):
-            continue
-        return {"paths": result["paths"], "metrics": result["metrics"], "mlflow_run_id": run.info.run_id,
-                "output_dir": folder}
+    current: dict[str, str] = {}
+    for path in paths:
+        if not Path(path).exists():
+            return f"{path} is missing"
+        current.update(file_digests(path))
+    for file, sha in recorded.items():
+        if file not in current:
+            return f"{file} is missing"
+        if current[file] != sha:
+            size = Path(file).stat().st_size
+            return f"{file} differs from what was written ({size} bytes now; sha256 {current[file][:12]}, recorded " \
+                   f"{sha[:12]})"
+    extra = sorted(set(current) - set(recorded))
+    if extra:
+        return f"{extra[0]} was added after the stage finished"
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,45 @@ def _console():
     return Console(stderr=True, soft_wrap=True)  # no hard wraps: logs and CI keep whole lines
 
 
+def _say(console, text: str = "", style: str | None = None, lead: str = "", lead_style: str = "bold") -> None:
+    """Print ``text`` literally (user data, paths and messages are never read as terminal markup: ``[bold]`` in a file
+    name stays in it) with credentials in URIs redacted; ``lead`` is a styled prefix."""
+    from rich.text import Text
+
+    from rlhf_pipeline.flows.tracking import redact_text
+
+    line = Text()
+    if lead:
+        line.append(lead, style=lead_style)
+    line.append(redact_text(str(text)), style=style)
+    console.print(line, highlight=False)
+
+
+def _fail(console, headline: str, detail: str = "", code: int = 1):
+    """Print a red headline and a literal detail, and exit with ``code``."""
+    _say(console, (" " + detail if detail and "\n" not in detail else ("\n" + detail if detail else "")),
+         lead=headline, lead_style="bold red")
+    raise typer.Exit(code)
+
+
+def _preflight(console, cfg, project: Path, tracking: bool = True) -> None:
+    """Before any work: ``model.base`` must exist (exit 2) and the MLflow store must answer (exit 1), each said in one
+    line within seconds (no traceback, no HTTP retries)."""
+    from rlhf_pipeline.models.loading import ModelLoadError, check_base_model
+
+    try:
+        check_base_model(cfg.model.base, cfg.model.cache_dir)
+    except ModelLoadError as exc:
+        _fail(console, "configuration error:", str(exc), code=2)
+    if tracking:
+        from rlhf_pipeline.flows.tracking import TrackingUnavailable, check_tracking_store, tracking_uri
+
+        try:
+            check_tracking_store(tracking_uri(project))
+        except TrackingUnavailable as exc:
+            _fail(console, "MLflow unavailable:", str(exc), code=1)
+
+
 def _load_config_or_exit(console, path: Path, profile: str | None = None, overrides: list[str] | None = None):
     """``load_config`` with its errors (missing file, unknown profile, bad override, wrong value) as one clear line
     and exit code 2 instead of a traceback."""
@@ -54,11 +94,10 @@ def _load_config_or_exit(console, path: Path, profile: str | None = None, overri
         return load_config(path, profile, overrides)
     except (FileNotFoundError, ValueError) as exc:
         if isinstance(exc, ValidationError):
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            console.print(f"[bold red]invalid configuration in {path}[/]: {problems}")
-        else:
-            console.print(f"[bold red]configuration error[/]: {exc}")
-        raise typer.Exit(2) from None
+            problems = "; ".join((f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "")
+                                 + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            _fail(console, f"invalid configuration in {path}:", problems, code=2)
+        _fail(console, "configuration error:", str(exc), code=2)
 
 
 @app.command()
@@ -77,38 +116,61 @@ def run(
     console = _console()
     cfg = _load_config_or_exit(console, config, profile, set_)
     project_dir = config.resolve().parent
+    _preflight(console, cfg, project_dir)
     out = output_dir or Path("runs") / f"{profile}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not out.is_absolute():
         out = project_dir / out
     from rlhf_pipeline.flows.pipeline import rlhf_pipeline
 
-    console.print(f"[bold]rlhf-pipeline[/] profile={profile} model={cfg.model.base} output={out}")
+    _say(console, f" profile={profile} model={cfg.model.base} output={out}", lead="rlhf-pipeline")
     start = time.time()
-    summary = _run_flow_or_exit(console, "pipeline", f"\nsee {out / 'summary.json'}", rlhf_pipeline, config=cfg,
+    summary = _run_flow_or_exit(console, "pipeline", out / "summary.json", rlhf_pipeline, config=cfg,
                                 project_dir=str(project_dir), output_dir=str(out), use_cache=not no_cache)
     _print_summary(console, summary, out, time.time() - start)
 
 
-def _run_flow_or_exit(console, what: str, hint: str, flow_fn, **kwargs) -> dict:
-    """Run a flow; a failed data gate exits 2 ("nothing registered"), any other error exits 1 naming it."""
+def _run_flow_or_exit(console, what: str, summary: Path | None, flow_fn, **kwargs) -> dict:
+    """Run a flow (with the watchdog that ends its temporary Prefect server should this process be killed); bad data
+    (a failed gate, an unreadable source) and a missing model exit 2 ("nothing registered"), an unusable MLflow store
+    and any other error exit 1 naming it; the run's ``summary.json`` is named only when it was written."""
+    from rlhf_pipeline.flows import watchdog
+    from rlhf_pipeline.flows.tracking import TrackingUnavailable
+    from rlhf_pipeline.models.loading import ModelLoadError
+    from rlhf_pipeline.tasks.readers import DataError
     from rlhf_pipeline.tasks.validate import ValidationFailed
 
+    watchdog.start()
     try:
         return flow_fn(**kwargs)
     except ValidationFailed as exc:
-        console.print(f"[bold red]data validation failed; no training ran, nothing registered[/]\n{exc}")
-        raise typer.Exit(2) from None
+        _fail(console, "data validation failed; no training ran, nothing registered", str(exc), code=2)
+    except DataError as exc:
+        _fail(console, "data could not be read; no training ran, nothing registered", str(exc), code=2)
+    except ModelLoadError as exc:
+        _fail(console, "configuration error:", str(exc), code=2)
+    except TrackingUnavailable as exc:
+        _fail(console, "MLflow unavailable:", str(exc), code=1)
     except Exception as exc:
-        console.print(f"[bold red]{what} failed:[/] {type(exc).__name__}: {exc}{hint}")
-        raise typer.Exit(1) from None
+        hint = ""
+        if summary is not None and summary.is_file():
+            import json
+
+            try:
+                hint = json.loads(summary.read_text()).get("hint", "")
+            except ValueError:
+                pass
+            hint = f"\n{hint}\nsee {summary}" if hint else f"\nsee {summary}"
+        _fail(console, f"{what} failed:", f"{type(exc).__name__}: {exc}{hint}", code=1)
 
 
 def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from rlhf_pipeline.flows.stages import STAGE
 
-    table = Table(title=f"rlhf-pipeline finished in {wall / 60:.1f} min (data version {summary['data'].get('version')})")
+    table = Table(title=Text(f"rlhf-pipeline finished in {wall / 60:.1f} min (data version "
+                             f"{summary['data'].get('version')})"))
     table.add_column("stage")
     table.add_column("status")
     table.add_column("key figures")
@@ -124,32 +186,33 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
         if "wall_s" in metrics:
             figures.append(f"{metrics['wall_s']:.0f}s")
         status = entry["status"] + (f" (run {entry['mlflow_run_id'][:8]})" if entry["status"] == "reused" else "")
-        table.add_row(stage, status, "  ".join(figures))
+        table.add_row(Text(stage), Text(status), Text("  ".join(figures)))
     console.print(table)
     for batch in summary["data"].get("labeling_batches") or []:
         console.print(f"labeling batch {batch['batch_id']} in the data: {batch['rows']} ranked comparisons "
                       f"(policy {batch['policy_version']})", highlight=False)
     verdict = summary["stages"].get("evaluate", {}).get("metrics", {}).get("judge_verdict")
     if verdict:
-        console.print(f"judge: {verdict}")
+        _say(console, f"judge: {verdict}")
     for model in summary.get("registered_models", []):
-        what = "already registered" if model.get("reused") else "registered"
-        console.print(f"{what} [bold]{model['name']}[/] version {model['version']} aliases {model['aliases']}")
+        what = "already registered (the same weights)" if model.get("reused") else "registered"
+        _say(console, f"{what} {model['name']} version {model['version']} aliases {model['aliases']}")
     promotion = summary.get("promotion") or {}
     if promotion:
-        verdict = ("[green]promoted to champion[/]" if promotion.get("promoted") else
-                   "not promoted" + (" (skipped)" if promotion.get("skipped") else ""))
-        console.print(f"promotion: {verdict}")
+        if promotion.get("promoted"):
+            _say(console, "promoted to champion", style="green", lead="promotion: ", lead_style="")
+        else:
+            _say(console, "promotion: not promoted" + (" (skipped)" if promotion.get("skipped") else ""))
         for reason in promotion.get("reasons", []):
-            console.print(f"  {reason}")
+            _say(console, f"  {reason}")
     uri = summary.get("tracking_uri", "")
-    console.print(
-        f"\nsummary: {out / 'summary.json'}\n"
-        f"MLflow:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}   "
-        f"(parent run {summary['mlflow_parent_run_id']})\n"
-        f"Prefect: flow run {summary['prefect_flow_run_id']} (temporary server unless PREFECT_API_URL is set; "
-        "`prefect server start` keeps a dashboard)"
-    )
+    mlflow_ui = (f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}" if uri.startswith("sqlite")
+                 else f"open {uri} (credentials from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    _say(console,
+         f"\nsummary: {out / 'summary.json'}\n"
+         f"MLflow:  {mlflow_ui}   (parent run {summary['mlflow_parent_run_id']})\n"
+         f"Prefect: flow run {summary['prefect_flow_run_id']} (temporary server unless PREFECT_API_URL is set; "
+         "`prefect server start` keeps a dashboard)")
 
 
 @app.command()
@@ -159,22 +222,26 @@ def prepare(
 ) -> None:
     """Ingest the configured sources, run the GX gate and write the prepared datasets (the DVC `prepare` stage)."""
     _quiet_defaults()
-    from rlhf_pipeline.flows.dvc import failure_file, prepare_data
+    from rlhf_pipeline.flows.dvc import failure_file, kept_note, prepare_data, write_failure
+    from rlhf_pipeline.flows.locks import data_lock
+    from rlhf_pipeline.tasks.readers import DataError
     from rlhf_pipeline.tasks.validate import ValidationFailed
 
     console = _console()
     cfg = _load_config_or_exit(console, config)
-    failure = failure_file(cfg)
-    failure.unlink(missing_ok=True)
-    try:
-        result = prepare_data(cfg, strict=strict)
-    except ValidationFailed as exc:
-        failure.parent.mkdir(parents=True, exist_ok=True)
-        failure.write_text(str(exc))
-        console.print(f"[bold red]data validation failed[/]\n{exc}")
-        raise typer.Exit(1) from None
-    console.print(f"prepared data version {result['version']}: {result['counts']}; "
-                  f"{len(result['dropped'])} malformed rows dropped (report: {result['report_path']})")
+    _preflight(console, cfg, config.resolve().parent, tracking=False)
+    with data_lock(cfg.data.prepared_dir, on_wait=lambda message: _say(console, message)):
+        failure = failure_file(cfg)
+        failure.unlink(missing_ok=True)
+        try:
+            result = prepare_data(cfg, strict=strict)
+        except (ValidationFailed, DataError) as exc:
+            write_failure(cfg, exc)
+            what = "data validation failed" if isinstance(exc, ValidationFailed) else "data could not be read"
+            _fail(console, what, f"{exc}\n{kept_note(cfg)}", code=1)
+    _say(console, f"prepared data version {result['version']}: {result['counts']}; {len(result['dropped'])} "
+                  f"malformed rows dropped, {len(result['structure_warnings'])} kept with an unusual structure "
+                  f"(report: {result['report_path']})")
 
 
 @app.command()
@@ -187,51 +254,51 @@ def validate(
     """Run the Great Expectations gate alone; exits non-zero when it fails, naming the rows and rules."""
     _quiet_defaults()
     from rlhf_pipeline.flows.dvc import token_counter
-    from rlhf_pipeline.tasks.formats import COMPARISON_FORMATS, detect_format
+    from rlhf_pipeline.tasks.formats import COMPARISON_FORMATS
+    from rlhf_pipeline.tasks.ingest import detect_file_format
     from rlhf_pipeline.tasks.readers import DataError, read_rows
     from rlhf_pipeline.tasks.validate import SourceConfig, ValidationFailed, run_validate
 
     console = _console()
     cfg = _load_config_or_exit(console, config)
+    _preflight(console, cfg, config.resolve().parent, tracking=False)
     data_cfg = cfg.data
     if data is not None:
         if not data.exists():
-            console.print(f"[bold red]data file not found: {data}[/]")
-            raise typer.Exit(2)
+            _fail(console, "data file not found:", str(data), code=2)
         if data.is_dir():
-            console.print(f"[bold red]{data} is a folder; give one data file[/]")
-            raise typer.Exit(2)
+            _fail(console, f"{data} is a folder; give one data file", code=2)
         kind = kind.value
-        if kind == "auto":
+        if kind == "auto":  # as ingestion decides: the first row that decodes and matches a format
             try:
-                _, first = next(iter(read_rows(data)))
-            except StopIteration:
-                console.print(f"[bold red]{data} holds no rows[/]")
-                raise typer.Exit(1) from None
-            except (DataError, ValueError) as exc:
-                console.print(f"[bold red]cannot read {data}: {exc}[/]")
-                raise typer.Exit(1) from None
-            try:
-                kind = "comparisons" if detect_format(first) in COMPARISON_FORMATS else "demonstrations"
-            except (DataError, ValueError) as exc:
-                console.print(f"[bold red]{data} row 1: {exc}[/]")
-                raise typer.Exit(1) from None
-        source = SourceConfig(name=data.name, path=str(data.resolve()))
+                fmt, _ = detect_file_format(read_rows(data), str(data))
+            except DataError as exc:
+                message = str(exc)
+                _fail(console, f"{data} holds no rows" if "rule no_rows" in message else "cannot read the file:",
+                      "" if "rule no_rows" in message else message, code=1)
+            kind = "comparisons" if fmt in COMPARISON_FORMATS else "demonstrations"
+        # the file's own name in reports (characters a source name may not hold become '_')
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", data.name).lstrip("._-")[:100] or "data"
+        source = SourceConfig(name=name, path=str(data.resolve()))
         other = "demonstrations" if kind == "comparisons" else "comparisons"
         prompts_min = data_cfg.min_rows.get("prompts", 0) if kind == "comparisons" else 0
         data_cfg = data_cfg.model_copy(update={kind: [source], other: [],
                                                "min_rows": {**data_cfg.min_rows, other: 0, "prompts": prompts_min}})
+    if data is not None:
+        _say(console, f"validating {data} as {kind}")
     try:
         result = run_validate(data_cfg, count_tokens=token_counter(cfg), strict=strict)
     except ValidationFailed as exc:
-        console.print(f"[bold red]validation failed[/]\n{exc}")
-        raise typer.Exit(1) from None
+        _fail(console, "validation failed", str(exc), code=1)
     except DataError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1) from None
-    console.print(f"[green]validation passed[/]: {result['counts']}")
+        _fail(console, "cannot read the data:", str(exc), code=1)
+    _say(console, f": {result['counts']}", lead="validation passed", lead_style="green")
     for row in result["dropped"]:
-        console.print(f"  dropped {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']}")
+        _say(console, f"  dropped {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']}"
+                      + (f" ({row['detail']})" if row.get("detail") else ""))
+    for row in result["structure_warnings"]:
+        _say(console, f"  kept {row['dataset']} {row['source']} row {row['row']} id {row['id']}: {row['rule']} "
+                      f"({row['detail']}); --strict refuses it")
 
 
 @app.command()
@@ -245,15 +312,16 @@ def retrain(
     last successful run, else run the pipeline and gate the promotion."""
     _quiet_defaults()
     console = _console()
-    _load_config_or_exit(console, config, profile)
+    cfg = _load_config_or_exit(console, config, profile)
+    _preflight(console, cfg, config.resolve().parent)
     from rlhf_pipeline.flows.retrain import rlhf_retrain
 
     start = time.time()
-    result = _run_flow_or_exit(console, "retrain", "", rlhf_retrain, profile=profile,
+    result = _run_flow_or_exit(console, "retrain", None, rlhf_retrain, profile=profile,
                                config_path=str(config.resolve()), project_dir=str(config.resolve().parent),
                                output_dir=str(output_dir) if output_dir else None, force=force)
     if result.get("skipped"):
-        console.print(f"[bold]retrain skipped[/]: {result['reason']}")
+        _say(console, f": {result['reason']}", lead="retrain skipped")
         return
     _print_summary(console, result, Path(result["output_dir"]), time.time() - start)
 
@@ -272,26 +340,28 @@ def promote(
     console = _console()
     cfg = _load_config_or_exit(console, config, profile)
     if rollback == (version is not None):
-        console.print("[bold red]give exactly one of --version N and --rollback[/]")
-        raise typer.Exit(2)
+        _fail(console, "give exactly one of --version N and --rollback", code=2)
     from rlhf_pipeline.flows import registry, tracking
     from rlhf_pipeline.flows.locks import promotion_lock
 
     project = config.resolve().parent
+    _preflight(console, cfg, project)
     tracking.setup_mlflow(project, cfg.registry.experiment)
     names = (cfg.registry.policy_name, cfg.registry.reward_model_name)
     try:
         with promotion_lock(project):
+            repaired = registry.repair_champions(*names)
+            if repaired:
+                _say(console, f"repaired first: {repaired}", style="yellow")
             moves = registry.rollback(*names) if rollback else registry.promote_version(*names, version)
     except LookupError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1) from None
+        _fail(console, str(exc), code=1)
     if moves.get("unchanged"):
-        console.print(f"{names[0]} version {version} is the champion already")
+        _say(console, f"{names[0]} version {version} is the champion already")
         return
     for kind, move in moves.items():
         name = names[0] if kind == "policy" else names[1]
-        console.print(f"{name}: champion {move[0]} → {move[1]}")
+        _say(console, f"{name}: champion {move[0]} → {move[1]}")
 
 
 @app.command()
@@ -313,31 +383,28 @@ def lineage(
     try:
         parse_model_ref(model)
     except ValueError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(2) from None
+        _fail(console, str(exc), code=2)
     cfg = _load_config_or_exit(console, config)  # the project (and its MLflow store) is the folder of --config
     project = config.resolve().parent
+    _preflight(console, cfg, project)
     tracking.setup_mlflow(project, cfg.registry.experiment)
     try:
         chain = lineage_mod.model_lineage(model)
     except LookupError as exc:
-        console.print(f"[bold red]{exc}[/]")
-        raise typer.Exit(1) from None
+        _fail(console, str(exc), code=1)
     for line in lineage_mod.format_lineage(chain):
-        console.print(line, highlight=False)
+        _say(console, line)
     if not reproduce:
         return
     out = output_dir or project / "runs" / f"reproduce-{time.strftime('%Y%m%d-%H%M%S')}"
-    console.print(f"\n[bold]reproducing[/] {model} into {out} (no cache, nothing registered)")
-    try:
-        report = lineage_mod.reproduce(chain, project, out)
-    except Exception as exc:
-        console.print(f"[bold red]reproduction failed:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(1) from None
+    _say(console, f" {model} into {out} (no cache, nothing registered)", lead="\nreproducing")
+    report = _run_flow_or_exit(console, "reproduction", out / "summary.json", lineage_mod.reproduce, chain=chain,
+                               project=project, output_dir=out)
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning[/]: {warning}")
-    console.print(f"max |Δw| between the reproduced and the registered policy: {report['max_abs_diff']:.3g} over "
-                  f"{report['tensors']} tensors → {'[green]reproduced[/]' if report['reproduced'] else '[red]differs[/]'}")
+        _say(console, warning, lead="warning: ", lead_style="yellow")
+    _say(console, "reproduced" if report["reproduced"] else "differs", style="green" if report["reproduced"] else "red",
+         lead=f"max |Δw| between the reproduced and the registered policy: {report['max_abs_diff']:.3g} over "
+              f"{report['tensors']} tensors → ", lead_style="")
     if not report["reproduced"]:
         raise typer.Exit(1)
 

@@ -29,15 +29,24 @@ from rlhf_pipeline.tasks.promotion import PromotionConfig
 from rlhf_pipeline.tasks.reward import RewardConfig
 from rlhf_pipeline.tasks.sft import SFTConfig
 from rlhf_pipeline.tasks.stage import ModelConfig, Section, section_hash
-from rlhf_pipeline.tasks.validate import DataConfig
+from rlhf_pipeline.tasks.validate import NAME_PATTERN, DataConfig
 
 PROFILES = ("smoke", "demo", "full")
 
 
 class RegistryConfig(Section):
-    policy_name: str = "rlhf-policy"
-    reward_model_name: str = "rlhf-reward-model"
-    experiment: str = "rlhf-pipeline"
+    """Names in the MLflow registry and tracking store (letters, digits, '.', '_', '-': a name with '/', '@' or a
+    space would not survive a ``models:/NAME@ALIAS`` reference)."""
+
+    policy_name: str = Field("rlhf-policy", pattern=NAME_PATTERN)
+    reward_model_name: str = Field("rlhf-reward-model", pattern=NAME_PATTERN)
+    experiment: str = Field("rlhf-pipeline", pattern=NAME_PATTERN)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "RegistryConfig":
+        if self.policy_name == self.reward_model_name:
+            raise ValueError("registry.policy_name and registry.reward_model_name must differ")
+        return self
 
 
 class CacheConfig(Section):
@@ -50,8 +59,8 @@ class CacheConfig(Section):
 class RetrainConfig(Section):
     """The ``rlhf-retrain`` schedule (the deployment in ``infra/prefect.yaml`` carries the same values)."""
 
-    cron: str = "0 3 * * 1"
-    timezone: str = "UTC"
+    cron: str = Field("0 3 * * 1", min_length=1)
+    timezone: str = Field("UTC", min_length=1)
 
     @model_validator(mode="after")
     def _check_cron(self) -> "RetrainConfig":
@@ -84,6 +93,13 @@ class Config(Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     collect: CollectConfig = Field(default_factory=CollectConfig)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Config":
+        if self.reward.judge and self.reward.judge_split not in self.data.splits:
+            raise ValueError(f"reward.judge_split {self.reward.judge_split!r} is not one of data.splits "
+                             f"({', '.join(self.data.splits)})")
+        return self
 
     def section_hash(self, section: str) -> str:
         """A short sha256 of one section's resolved values."""

@@ -41,7 +41,9 @@ def model_lineage(ref: str) -> dict:
         version = (client.get_model_version(name, which) if which.isdigit()
                    else client.get_model_version_by_alias(name, which))
     except MlflowException as exc:
-        raise LookupError(f"no registered model version {ref} in {client.tracking_uri}") from exc
+        from rlhf_pipeline.flows.tracking import redact_uri
+
+        raise LookupError(f"no registered model version {ref} in {redact_uri(client.tracking_uri)}") from exc
     tags = version.tags
     parent_id = tags.get("rlhf.mlflow_parent_run_id")
     if not parent_id:

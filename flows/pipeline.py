@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from rlhf_pipeline.flows import artifacts, dvc, registry, tracking
 from rlhf_pipeline.flows.caching import code_version, stage_key
 from rlhf_pipeline.flows.config import Config, load_config
+from rlhf_pipeline.flows.locks import promotion_lock
 from rlhf_pipeline.flows.promotion import promote_task, register_task, skipped_promotion
 from rlhf_pipeline.flows.runner import RunContext, StageOutcome, execute, reuse, run_stage, stage_params
 from rlhf_pipeline.flows.stages import STAGE, STAGES
@@ -40,14 +41,17 @@ class DataOutcome(StageOutcome):
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(config: Config, ctx: RunContext, project_dir: str) -> DataOutcome:
     """The data gate (GX) and the data version: ``dvc repro prepare`` in a DVC project whose ``params.yaml`` has this
-    run's data section, else the same command without DVC. Fails the flow before any training on bad data.
+    run's data section, else the same command without DVC, under the data lock; the stages then read the immutable
+    copy ``data/versions/<data version>``, never ``data/prepared`` (which a later prepare may replace). Fails the
+    flow before any training on bad data, keeping the last good version.
 
     Raises:
         rlhf_pipeline.tasks.validate.ValidationFailed: the gate failed.
+        rlhf_pipeline.tasks.readers.DataError: a source could not be read.
     """
     import mlflow
 
-    from rlhf_pipeline.tasks.datasets import data_version, load_prepared
+    from rlhf_pipeline.tasks.datasets import load_prepared
 
     logger = get_run_logger()
     project = Path(project_dir)
@@ -55,21 +59,14 @@ def validate_task(config: Config, ctx: RunContext, project_dir: str) -> DataOutc
     with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, stage.name, stage_params(config, stage),
                             ctx.tags) as (run_id, _):
         start = time.time()
-        if dvc.uses_dvc(project, config):
-            logger.info("dvc repro prepare (DVC-versioned data in %s)", config.data.prepared_dir)
-            dvc.dvc_repro_prepare(project, config)
-        else:
-            logger.warning("preparing the data without DVC versioning: %s", "the data section differs from "
-                           f"{project / 'params.yaml'} (--config/--set)" if dvc.is_dvc_repo(project)
-                           else f"{project} is not a DVC repository")
-            dvc.prepare_data(config)
-        prepared = Path(config.data.prepared_dir)
-        version = data_version(prepared)
+        prepared = dvc.prepare_version(project, config, log=logger.info)
+        version = prepared.name
         report = json.loads((prepared / "report.json").read_text())
         counts = {name: report["counts"][name]["total"] for name in ("demonstrations", "comparisons", "prompts")}
         dropped = report.get("dropped", [])
+        unusual = report.get("structure_warnings", [])
         metrics = {**{f"rows_{k}": float(v) for k, v in counts.items()}, "dropped_rows": float(len(dropped)),
-                   "wall_s": time.time() - start}
+                   "unusual_rows": float(len(unusual)), "wall_s": time.time() - start}
         mlflow.log_metrics(metrics)
         mlflow.set_tag("data_version", version)
         mlflow.log_artifact(str(prepared / "report.json"), artifact_path="validation")
@@ -78,7 +75,8 @@ def validate_task(config: Config, ctx: RunContext, project_dir: str) -> DataOutc
             dataset = mlflow.data.from_pandas(frame, source=str(prepared / f"{name}.parquet"), name=name,
                                               digest=version)
             mlflow.log_input(dataset, context=name)
-        logger.info("data version %s: %s; %d malformed rows dropped (see %s)", version, counts, len(dropped),
+        logger.info("data version %s (read from %s): %s; %d malformed rows dropped, %d kept with an unusual "
+                    "structure (see %s)", version, prepared, counts, len(dropped), len(unusual),
                     prepared / "report.json")
     artifacts.stage_artifact(stage.name, "completed", metrics, ctx.link(run_id), f" (data version `{version}`)")
     return DataOutcome(stage.name, "completed", {"prepared_dir": str(prepared)}, metrics, run_id, str(prepared),
@@ -168,13 +166,19 @@ class PipelineRun:
     def __init__(self, config: Config, project: Path, out: Path, use_cache: bool, flow_run_id: str | None):
         self.config, self.project = config, project
         self.summary = Summary(out / "summary.json")
-        experiment_id = tracking.setup_mlflow(project, config.registry.experiment)
-        uri = tracking.tracking_uri(project)
+        experiment_id = tracking.setup_mlflow(project, config.registry.experiment)  # also closes runs left by a kill
+        uri = tracking.redact_uri(tracking.tracking_uri(project))  # shown and stored: never a password
+        names = (config.registry.policy_name, config.registry.reward_model_name)
+        if registry.champions_need_repair(*names):  # a promotion killed half-way, completed before SFT reads the RM
+            with promotion_lock(project):
+                repaired = registry.repair_champions(*names)
+            if repaired:
+                get_run_logger().warning("champion pair repaired: %s", repaired)
         tags = {"rlhf.profile": config.profile, "rlhf.base_model": config.model.base,
                 "rlhf.git_commit": dvc.git_commit(project), "rlhf.prefect_flow_run_id": flow_run_id or "",
                 "rlhf.params_hash": config.params_hash(), "rlhf.code_version": code_version()}
         parent = tracking.start_parent_run(experiment_id, f"rlhf-{config.profile}", config.flat_params(),
-                                           {**tags, "rlhf.kind": "pipeline"})
+                                           {**tags, "rlhf.kind": "pipeline", **tracking.process_tags()})
         from mlflow import MlflowClient
 
         # the resolved configuration: what `rlhf lineage --reproduce` re-runs
@@ -203,7 +207,7 @@ class PipelineRun:
         from rlhf_pipeline.flows.feedback import labeling_batches
 
         batches = labeling_batches(self.config)
-        self.summary.update(data={"version": data.version, **data.counts, "labeling_batches": batches})
+        self.summary.update(data={"version": data.version, "dir": data.output_dir, **data.counts, "labeling_batches": batches})
         self.ctx.tags["rlhf.data_version"] = data.version
         from mlflow import MlflowClient
 
@@ -225,7 +229,13 @@ class PipelineRun:
     def fail(self, exc: BaseException) -> None:
         if self.current in self.summary.data["stages"]:
             self.summary.stage(self.current, "failed")
-        self.summary.update(failed_stage=self.current, error=f"{type(exc).__name__}: {exc}")
+        reused = [name for name, entry in self.summary.data["stages"].items() if entry.get("status") == "reused"]
+        extra = {}
+        if reused and self.current not in ("validate",):
+            extra["hint"] = (f"this run reused the outputs of earlier runs ({', '.join(reused)}); if they are damaged, "
+                             "`rlhf run --no-cache` re-runs every stage")
+        self.summary.update(failed_stage=self.current, error=tracking.redact_text(f"{type(exc).__name__}: {exc}"),
+                            **extra)
         tracking.end_run(self.ctx.parent_run_id, "FAILED")
 
     def finish(self) -> dict:
@@ -273,15 +283,22 @@ def rlhf_pipeline(
             registry alone).
 
     Raises:
-        rlhf_pipeline.tasks.validate.ValidationFailed: the data gate failed (no training ran, nothing registered).
+        rlhf_pipeline.models.loading.ModelLoadError: ``model.base`` does not exist (checked before any work).
+        rlhf_pipeline.flows.tracking.TrackingUnavailable: the MLflow store cannot be used (checked before any work).
+        rlhf_pipeline.tasks.validate.ValidationFailed: the data gate failed (no training ran, nothing registered; the
+            last good data version is kept).
+        rlhf_pipeline.tasks.readers.DataError: a data source could not be read (likewise).
         Exception: any stage's error; the summary marks the stage ``failed`` and the MLflow runs ``FAILED``.
     """
     from prefect.runtime import flow_run
+
+    from rlhf_pipeline.models.loading import check_base_model
 
     project = Path(project_dir).resolve()
     if config is None:
         path = Path(config_path)
         config = load_config(path if path.is_absolute() else project / path, profile, overrides)
+    check_base_model(config.model.base, config.model.cache_dir)  # before any work: a missing model fails now
     out = Path(output_dir or f"runs/{config.profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     out = out if out.is_absolute() else project / out
     out.mkdir(parents=True, exist_ok=True)

@@ -20,35 +20,32 @@ from rlhf_pipeline.tasks.stage import numeric_metrics
 @task(name="register", cache_policy=NO_CACHE)
 def register_task(config: Config, ctx: RunContext, policy: str, reward_model: str) -> list[registry.RegisteredModel]:
     """Log the final policy and reward model and register them as ``challenger`` (the policy version records the
-    reward model version of the same run). When PPO was reused and its policy is registered already, nothing new is
-    registered and the existing versions are returned with ``reused`` set.
+    reward model version of the same run; each version carries the content hash of its files,
+    :data:`~rlhf_pipeline.flows.registry.WEIGHTS_TAG`). When versions with exactly these weights are registered
+    already (PPO and the RM were reused, or re-ran to the same bytes), nothing new is registered and those versions
+    are returned with ``reused`` set; a run whose weights differ registers its own, whatever its cache keys.
 
     Returns:
         ``[reward model, policy]`` versions.
     """
     names = (config.registry.reward_model_name, config.registry.policy_name)
-    ppo_key = ctx.keys["ppo"]
-    existing = registry.find_registered(names[1], "rlhf.ppo_cache_key", ppo_key)
+    digests = {"policy": registry.weights_digest(policy), "reward_model": registry.weights_digest(reward_model)}
+    existing = registry.find_same_weights(names[1], names[0], digests["policy"], digests["reward_model"])
     if existing is not None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient()
-        entries = [existing]
-        rm_version = client.get_model_version(names[1], str(existing.version)).tags.get("rlhf.reward_model_version")
-        if rm_version:
-            rm = client.get_model_version(names[0], rm_version)
-            entries.insert(0, registry.RegisteredModel(names[0], int(rm.version), sorted(rm.aliases)))
-        get_run_logger().info("the policy of PPO cache key %s is registered already (%s version %s): nothing new "
-                              "to register", ppo_key, names[1], existing.version)
-        for entry in entries:
+        get_run_logger().info("these weights (sha256 %s…) are registered already as %s version %s with %s version %s: "
+                              "nothing new to register", digests["policy"][:12], names[1], existing[1].version,
+                              names[0], existing[0].version)
+        for entry in existing:
             entry.reused = True
-        return entries
-    tags = {**ctx.tags, "rlhf.mlflow_parent_run_id": ctx.parent_run_id, "rlhf.ppo_cache_key": ppo_key,
+        return existing
+    tags = {**ctx.tags, "rlhf.mlflow_parent_run_id": ctx.parent_run_id, "rlhf.ppo_cache_key": ctx.keys["ppo"],
             "rlhf.reward_cache_key": ctx.keys["reward"], "rlhf.sft_cache_key": ctx.keys["sft"]}
     with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, "register", {}, ctx.tags):
-        rm = registry.log_and_register(reward_model, "reward_model", names[0], tags)
+        rm = registry.log_and_register(reward_model, "reward_model", names[0],
+                                       {**tags, registry.WEIGHTS_TAG: digests["reward_model"]})
         policy_entry = registry.log_and_register(policy, "policy", names[1],
-                                                 {**tags, "rlhf.reward_model_version": str(rm.version)})
+                                                 {**tags, "rlhf.reward_model_version": str(rm.version),
+                                                  registry.WEIGHTS_TAG: digests["policy"]})
     return [rm, policy_entry]
 
 
@@ -73,6 +70,9 @@ def promote_task(config: Config, ctx: RunContext, prepared_dir: str, registered:
                                                           ctx.tags):
         import mlflow
 
+        repaired = registry.repair_champions(policy_name, rm_name)
+        if repaired:
+            logger.warning("champion pair repaired before the promotion: %s", repaired)
         champion = registry.champion_version(policy_name)
         figures["has_champion"] = champion is not None
         if champion is not None:

@@ -26,24 +26,17 @@ from rlhf_pipeline.flows.pipeline import rlhf_pipeline
 
 @task(name="refresh-data", cache_policy=NO_CACHE)
 def refresh_data_task(config: Config, project_dir: str) -> str:
-    """``dvc pull`` (when a remote is configured) and ``dvc repro prepare``; returns the data version of the result.
+    """``dvc pull`` (when a remote is configured) and ``dvc repro prepare`` under the data lock; returns the data
+    version of the result.
 
     Raises:
-        rlhf_pipeline.tasks.validate.ValidationFailed: new data failed the GX gate (nothing is trained or registered).
+        rlhf_pipeline.tasks.validate.ValidationFailed: new data failed the GX gate (nothing is trained or registered;
+            the last good version is kept).
+        rlhf_pipeline.tasks.readers.DataError: a source could not be read (likewise).
         RuntimeError: a DVC command failed (its message included).
     """
-    from rlhf_pipeline.tasks.datasets import data_version
-
     logger = get_run_logger()
-    project = Path(project_dir)
-    if dvc.uses_dvc(project, config):
-        if dvc.has_dvc_remote(project):
-            logger.info("dvc pull: %s", dvc.dvc_pull(project))
-        dvc.dvc_repro_prepare(project, config)
-    else:
-        logger.warning("%s is not a DVC project with this data section; preparing without DVC", project)
-        dvc.prepare_data(config)
-    return data_version(Path(config.data.prepared_dir))
+    return dvc.prepare_version(Path(project_dir), config, pull=True, log=logger.info).name
 
 
 def last_successful_run(config: Config, project: Path) -> dict | None:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_pipeline.flows import artifacts, tracking
+from rlhf_pipeline.flows.caching import check_digests, file_digests
 from rlhf_pipeline.flows.config import Config
 from rlhf_pipeline.flows.locks import gpu_slot
 from rlhf_pipeline.flows.stages import STAGE, Stage
@@ -88,9 +89,15 @@ def stage_params(config: Config, stage: Stage) -> dict[str, str]:
     return {k: v for k, v in config.flat_params().items() if k.startswith(prefixes)}
 
 
-def find_reusable(experiment_id: str, stage: str, key: str) -> StageOutcome | None:
-    """The newest finished run of ``stage`` with cache key ``key`` whose outputs are still on disk, as a ``reused``
-    outcome; ``None`` on a miss (no such run, its folder deleted or overwritten, a listed file missing)."""
+def find_reusable(experiment_id: str, stage: str, key: str, warn=None) -> StageOutcome | None:
+    """The newest finished run of ``stage`` with cache key ``key`` whose outputs are still on disk and intact, as a
+    ``reused`` outcome; ``None`` on a miss (no such run, its folder deleted or overwritten, a listed file missing, or a
+    file that differs from the sha256 recorded in ``result.json`` when the stage finished: a truncated or corrupt
+    model is re-trained, never handed to the next stage).
+
+    Args:
+        warn: called with a message naming the file when a run is passed over because its outputs changed.
+    """
     from mlflow import MlflowClient
 
     runs = MlflowClient().search_runs(
@@ -112,9 +119,17 @@ def find_reusable(experiment_id: str, stage: str, key: str) -> StageOutcome | No
             continue
         if result.get("cache_key") != key:
             continue
-        if not all(Path(p).exists() for p in result.get("paths", {}).values()):
+        paths = result.get("paths", {})
+        if not all(Path(p).exists() for p in paths.values()):
             continue
-        return StageOutcome(stage, "reused", result["paths"], result["metrics"], run.info.run_id, folder, key)
+        digests = result.get("digests")
+        problem = (check_digests(digests, paths.values()) if digests is not None
+                   else "its result.json records no file hashes (written before they were recorded)")
+        if problem is not None:
+            if warn is not None:
+                warn(f"{stage}: not reusing MLflow run {run.info.run_id}: {problem}; the stage runs again")
+            continue
+        return StageOutcome(stage, "reused", paths, result["metrics"], run.info.run_id, folder, key)
     return None
 
 
@@ -124,12 +139,13 @@ def reuse(stage: Stage, config: Config, ctx: RunContext) -> StageOutcome | None:
     compare side by side; ``None`` when the stage must run."""
     if not (ctx.use_cache and stage.cached):
         return None
+    from prefect import get_run_logger
+
     key = ctx.keys[stage.name]
-    hit = find_reusable(ctx.experiment_id, stage.name, key)
+    hit = find_reusable(ctx.experiment_id, stage.name, key, warn=get_run_logger().warning)
     if hit is None:
         return None
     import mlflow
-    from prefect import get_run_logger
 
     get_run_logger().info("%s: reusing MLflow run %s (inputs unchanged, cache key %s) from %s", stage.name,
                           hit.mlflow_run_id, key, hit.output_dir)
@@ -153,7 +169,9 @@ def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] 
     and every file it lists is logged as an artifact. ``tags`` are added to the stage run.
 
     Raises:
-        Exception: whatever the stage raises (its MLflow run is then ``FAILED``).
+        StageInputError: the stage failed and one of its input files differs from what its stage wrote (the message
+            names the file and suggests ``--no-cache``).
+        Exception: whatever else the stage raises (its MLflow run is then ``FAILED``).
     """
     import mlflow
 
@@ -165,8 +183,15 @@ def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] 
     with tracking.stage_run(ctx.experiment_id, ctx.parent_run_id, stage.name, stage_params(config, stage),
                             run_tags) as (run_id, sink):
         with gpu_slot(config.model.device):
-            result: StageResult = run_stage_function(stage, config, inputs, layout.root, sink, run_id,
-                                                     ctx.tracking_uri)
+            try:
+                result: StageResult = run_stage_function(stage, config, inputs, layout.root, sink, run_id,
+                                                         ctx.tracking_uri)
+            except Exception as exc:
+                problem = damaged_input(inputs)
+                if problem is None:
+                    raise
+                raise StageInputError(f"{stage.name} failed ({type(exc).__name__}: {exc}) on an input that is not what "
+                                      f"its stage wrote: {problem}. `rlhf run --no-cache` re-runs every stage") from exc
         mlflow.log_metrics(numeric_metrics(result.metrics))
         save_result(layout, result, key)
         mlflow.log_artifact(str(layout.result))
@@ -177,6 +202,33 @@ def execute(stage: Stage, config: Config, ctx: RunContext, tags: dict[str, str] 
     return StageOutcome(stage.name, "completed", result.paths, result.metrics, run_id, str(layout.root), key)
 
 
+class StageInputError(RuntimeError):
+    """A stage failed on an input file that differs from what the stage that wrote it recorded (a corrupt model...)."""
+
+
+def damaged_input(inputs: dict) -> str | None:
+    """The first input path (a stage's output: a folder or file beside that stage's ``result.json``) whose files no
+    longer match the digests its stage recorded, as a message naming the file; ``None`` when every one matches or none
+    can be checked."""
+    for value in inputs.values():
+        if not isinstance(value, str) or not value or not Path(value).exists():
+            continue
+        path = Path(value)
+        for root in (path.parent, path.parent.parent):
+            try:
+                result = json.loads(StageDir(root).result.read_text())
+            except (OSError, ValueError):
+                continue
+            digests = result.get("digests") or {}
+            recorded = {f: d for f, d in digests.items() if f == str(path) or f.startswith(str(path) + "/")}
+            if recorded:
+                problem = check_digests(recorded, [value])
+                if problem is not None:
+                    return problem
+            break
+    return None
+
+
 def run_stage(name: str, config: Config, ctx: RunContext, **inputs) -> StageOutcome:
     """Reuse ``name``'s earlier run when its inputs are unchanged, else :func:`execute` it."""
     stage = STAGE[name]
@@ -184,7 +236,14 @@ def run_stage(name: str, config: Config, ctx: RunContext, **inputs) -> StageOutc
 
 
 def save_result(layout: StageDir, result: StageResult, key: str | None) -> None:
-    """``result.json``: what the stage wrote and its metrics, with the cache key a later run checks on reuse."""
+    """``result.json``: what the stage wrote and its metrics, with the cache key and the sha256 of every file it
+    lists (a later run checks both before reusing it). Written atomically."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    payload = {"stage": result.stage, "cache_key": key, **asdict(result)}
-    layout.result.write_text(json.dumps(payload, indent=2, default=str))
+    digests: dict[str, str] = {}
+    for path in result.paths.values():
+        if Path(path).exists():
+            digests.update(file_digests(path))
+    payload = {"stage": result.stage, "cache_key": key, **asdict(result), "digests": digests}
+    tmp = layout.result.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(layout.result)

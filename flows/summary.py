@@ -45,8 +45,13 @@ class Summary:
         self.write()
 
     def update(self, **values) -> None:
-        """Set top-level keys (dataclasses are stored as dicts) and write the file."""
+        """Set top-level keys (dataclasses are stored as dicts) and write the file; ``tracking_uri`` and ``error`` are
+        stored with the credentials of any URI in them redacted."""
+        from rlhf_pipeline.flows.tracking import redact_text
+
         for key, value in values.items():
+            if key in ("tracking_uri", "error", "hint") and isinstance(value, str):
+                value = redact_text(value)
             if isinstance(value, list):
                 value = [asdict(v) if hasattr(v, "__dataclass_fields__") else v for v in value]
             elif hasattr(value, "__dataclass_fields__"):

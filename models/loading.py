@@ -186,6 +186,58 @@ def resolve_model_path(base: str, cache_dir: str | Path | None = None) -> str:
     return base  # a hub id; transformers raises a clear error when offline
 
 
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_base_model(base: str, cache_dir: str | Path | None = None, timeout_s: float = 10.0) -> None:
+    """Refuse a ``model.base`` that cannot be loaded, before any work (the data gate reads its tokenizer): the bundled
+    names (built on first use), an existing model folder (with ``config.json``), or a Hugging Face id that is in the
+    local hub cache or, when the hub is reachable, exists there.
+
+    Raises:
+        ModelLoadError: the message says what is missing: the folder, its ``config.json``, or the hub model (and
+            whether the hub is offline or could not be reached).
+    """
+    if base in (SMOLLM2, TINY):
+        return
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.base {base}: not a model folder (no config.json in it)")
+        return
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1 or "\\" in base
+    if looks_local or not base.strip():
+        raise ModelLoadError(f"model.base {base}: no such model folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(base, "config.json")
+    except Exception:  # an id the hub library rejects (bad characters)
+        raise ModelLoadError(f"model.base {base!r}: no such local folder, and not a valid Hugging Face model id") from None
+    if isinstance(cached, str):
+        return
+    if _offline():
+        raise ModelLoadError(f"model.base {base!r}: no such local folder, and no Hugging Face model of that id in the "
+                             "local cache while the hub is offline (HF_HUB_OFFLINE); give a model folder, or fetch the "
+                             "model once with the hub reachable")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(base, timeout=timeout_s)
+    except GatedRepoError:
+        return  # exists; loading says how to get access
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model.base {base!r}: no such local folder, and no such model on the Hugging Face hub") \
+            from None
+    except Exception as exc:
+        raise ModelLoadError(f"model.base {base!r}: no such local folder, and the Hugging Face hub could not be reached "
+                             f"to find it ({type(exc).__name__}); give a model folder or set HF_HUB_OFFLINE=1 with the "
+                             "model in the local cache") from None
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a model folder, with a pad token (EOS when it has none), left padding for generation, and the
     model's end tokens (:func:`rlhf_pipeline.models.tokens.end_token_ids`): the tokenizer's EOS and every EOS id of the

@@ -40,10 +40,10 @@ class EvaluateConfig(Section):
     max_prompt_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(8, ge=1)
-    temperature: float = 1.0  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
-    top_p: float = 1.0
-    ppl_texts: int = 32  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
-    ppl_max_tokens: int = 128
+    temperature: float = Field(1.0, gt=0)  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
+    top_p: float = Field(1.0, gt=0, le=1)
+    ppl_texts: int = Field(32, ge=1)  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
+    ppl_max_tokens: int = Field(128, ge=2)
 
     @model_validator(mode="after")
     def _check_sampling(self) -> "EvaluateConfig":

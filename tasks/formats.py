@@ -287,6 +287,10 @@ def _demonstration_messages(row: dict) -> tuple[list[dict], str]:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise MalformedRow("no_assistant_turn", "no assistant message")
+    if last < len(messages) - 1:  # never drop turns silently: the demonstration must end with the reply it teaches
+        after = [m["role"] for m in messages[last + 1:]]
+        raise MalformedRow("ends_after_reply", f"{len(after)} turn(s) ({', '.join(after)}) after the last assistant "
+                                               "reply; a demonstration must end with the assistant's reply")
     prompt = _check_prompt(messages[:last])
     return prompt, _check_responses([messages[last]["content"]], ["assistant reply"])[0]
 
@@ -343,6 +347,25 @@ def listify(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: listify(v) for k, v in value.items()}
     return value
+
+
+def structure_warnings(prompt: list[dict]) -> list[tuple[str, str]]:
+    """Dialogue structure that parses but is unusual, as ``(rule, detail)`` pairs (empty when the prompt alternates
+    user/assistant turns starting with the user; system turns are not counted):
+
+    - ``starts_with_assistant``: the first non-system turn is the assistant's;
+    - ``repeated_role``: two consecutive turns of the same role (the HH-RLHF data has a few with two assistant turns).
+
+    The gate keeps such rows with a report and refuses them under ``--strict`` / ``data.invalid_rows: fail``.
+    """
+    turns = [(i, m["role"]) for i, m in enumerate(prompt, 1) if m["role"] != "system"]
+    found = []
+    if turns and turns[0][1] == "assistant":
+        found.append(("starts_with_assistant", f"turn {turns[0][0]} (the first) is the assistant's"))
+    repeats = [f"{a[0]} and {b[0]} ({a[1]})" for a, b in zip(turns, turns[1:]) if a[1] == b[1]]
+    if repeats:
+        found.append(("repeated_role", "consecutive turns of one role: " + ", ".join(repeats)))
+    return found
 
 
 def detect_format(row: Any) -> str:

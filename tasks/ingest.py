@@ -25,7 +25,11 @@ Decisions:
   a row keeps its split when other rows are added or removed.
 - ``id`` is the first 16 hex chars of the sha256 of the row's canonical content (prompt messages + responses), so
   identical rows get identical ids and the gate can find duplicates.
-- Transcript turns are kept as written: the few HH-RLHF dialogues with two assistant turns in a row keep both turns.
+- Transcript turns are kept as written: the few HH-RLHF dialogues with two assistant turns in a row keep both turns,
+  and are listed in ``IngestResult.warnings`` (``repeated_role``; also ``starts_with_assistant``), never silently.
+- A file's format (``format: auto``) is that of its first row that decodes and matches a format
+  (:func:`detect_file_format`); a later row of another format that does not parse as the file's is an invalid row with
+  the rule ``mixed_format`` naming the row where the second format starts.
 - The data version is a content hash of the three Parquet files (written deterministically, without pandas metadata).
 """
 
@@ -36,11 +40,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pandas as pd
 
-from rlhf_pipeline.tasks.datasets import frame_from_records
+from rlhf_pipeline.tasks.datasets import COLUMNS, frame_from_columns
 from rlhf_pipeline.tasks.formats import (
     COMPARISON_FORMATS,
     DEMONSTRATION_FORMATS,
@@ -50,6 +54,7 @@ from rlhf_pipeline.tasks.formats import (
     detect_format,
     listify,
     render_prompt_text,
+    structure_warnings,
 )
 from rlhf_pipeline.tasks.readers import DataError, source_rows
 
@@ -67,12 +72,18 @@ class IngestResult:
         frames: ``{"demonstrations", "comparisons", "prompts"} -> DataFrame`` with the canonical columns.
         invalid: one dict per row that could not be parsed: ``{"dataset", "source", "row", "id", "rule", "detail"}``
             (``row`` is the 1-based line / row number in the source file; never the row's text).
-        sources: one dict per source read: ``{"dataset", "name", "origin", "format", "rows"}``.
+        sources: one dict per source read: ``{"dataset", "name", "format", "rows"}`` plus ``{"file", "sha256",
+            "bytes"}`` for a local file (its name and content hash, never its absolute path: the same data gives the same
+            report on every machine) or ``{"origin"}`` for a hub dataset.
+        warnings: rows kept whose dialogue structure is unusual (:func:`rlhf_pipeline.tasks.formats.structure_warnings`:
+            ``starts_with_assistant``, ``repeated_role``), in the shape of ``invalid``; the gate refuses them under
+            ``--strict`` / ``data.invalid_rows: fail``.
     """
 
     frames: dict[str, pd.DataFrame]
     invalid: list[dict] = field(default_factory=list)
     sources: list[dict] = field(default_factory=list)
+    warnings: list[dict] = field(default_factory=list)
 
 
 
@@ -105,8 +116,50 @@ def _row_id(row: Any) -> str | None:
     return None
 
 
-def _read_source(dataset: str, source: "SourceConfig", config: "DataConfig", records: list[dict],
-                 invalid: list[dict]) -> dict:
+def _format_of(row: Any) -> str | None:
+    """The format a row's keys match, or ``None`` (not an object, or no known format)."""
+    try:
+        return detect_format(row)
+    except MalformedRow:
+        return None
+
+
+def detect_file_format(rows: Iterable[tuple[int, Any]], origin: str) -> tuple[str, int]:
+    """The format of a file: that of its first row that decodes and whose keys match a format (rows before it are
+    invalid rows, reported as such by :func:`ingest`). ``rlhf validate --data`` and ingestion decide the same way.
+
+    Returns:
+        ``(format, row number it was detected from)``.
+
+    Raises:
+        DataError: no row matches a supported format (the message names the first row and its rule).
+    """
+    first_problem = None
+    for number, row in rows:
+        fmt = _format_of(row)
+        if fmt is not None:
+            return fmt, number
+        if first_problem is None:
+            try:
+                detect_format(row)
+            except MalformedRow as exc:
+                first_problem = f"row {number}: rule {exc.rule}: {exc.detail}"
+    raise DataError(f"{origin}: {first_problem or 'row -: rule no_rows: no rows'}"
+                    + ("; no row matches a supported format" if first_problem else ""))
+
+
+def _file_digest(path: str) -> dict:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"file": Path(path).name, "sha256": digest.hexdigest(), "bytes": size}
+
+
+def _read_source(dataset: str, source: "SourceConfig", config: "DataConfig", records: dict[str, list],
+                 invalid: list[dict], warnings: list[dict]) -> dict:
     allowed = COMPARISON_FORMATS if dataset == "comparisons" else DEMONSTRATION_FORMATS
     if source.optional and source.path and not Path(source.path).exists():
         return {"dataset": dataset, "name": source.name, "origin": f"{source.path} (optional, absent)",
@@ -116,54 +169,86 @@ def _read_source(dataset: str, source: "SourceConfig", config: "DataConfig", rec
     if fmt is not None and fmt not in allowed:
         raise DataError(f"{origin}: row -: rule wrong_format: format {fmt!r} gives no {dataset}; "
                         f"use one of {', '.join(allowed)}")
+    fmt_row = None if fmt is None else 0  # the row the format was detected from (0: configured)
+    second_format: dict[str, int] = {}  # another format -> the first row with its keys
+    pending: list[dict] = []  # rows before the format is known that match none
+    first_invalid = len(invalid)
     count = 0
+
+    def bad(number: int, row: Any, rule: str, detail: str) -> dict:
+        return {"dataset": dataset, "source": source.name, "row": number, "id": _row_id(row), "rule": rule,
+                "detail": detail}
+
     for number, row in rows:
         count += 1
         if isinstance(row, BadRow):
-            invalid.append({"dataset": dataset, "source": source.name, "row": number, "id": None,
-                            "rule": row.rule, "detail": row.detail})
+            invalid.append(bad(number, None, row.rule, row.detail))
             continue
+        detected = _format_of(row)
         if fmt is None:
-            try:
-                fmt = detect_format(row)
-            except MalformedRow as exc:
-                raise DataError(f"{origin}: row {number}: rule {exc.rule}: {exc.detail}") from exc
-            if fmt not in allowed:
-                raise DataError(f"{origin}: row {number}: rule wrong_format: detected format {fmt!r} gives no "
+            if detected is None:
+                try:
+                    detect_format(row)
+                except MalformedRow as exc:
+                    pending.append(bad(number, row, exc.rule, exc.detail))
+                continue
+            if detected not in allowed:
+                raise DataError(f"{origin}: row {number}: rule wrong_format: detected format {detected!r} gives no "
                                 f"{dataset}; expected one of {', '.join(allowed)}")
+            fmt, fmt_row = detected, number
         try:
             if not isinstance(row, dict):
                 raise MalformedRow("not_an_object", f"row is {type(row).__name__}, expected an object")
             prompt, answer = PARSERS[fmt](row)
         except MalformedRow as exc:
-            invalid.append({"dataset": dataset, "source": source.name, "row": number, "id": _row_id(row),
-                            "rule": exc.rule, "detail": exc.detail})
+            if detected is not None and detected != fmt:  # the real cause: a row of another format
+                first = second_format.setdefault(detected, number)
+                where = f"row {fmt_row}" if fmt_row else "the configuration"
+                invalid.append(bad(number, row, "mixed_format",
+                                   f"the keys of format {detected!r} in a {fmt!r} file ({fmt!r} from {where}); "
+                                   f"the second format starts at row {first}"))
+            else:
+                invalid.append(bad(number, row, exc.rule, exc.detail))
             continue
+        for rule, detail in structure_warnings(prompt):
+            warnings.append(bad(number, row, rule, detail))
         prompt_text = render_prompt_text(prompt)
-        record: dict[str, Any] = {"prompt": prompt}
-        if dataset == "comparisons":
-            record["responses"] = answer
-            record["id"] = content_id({"prompt": prompt, "responses": answer})
-        else:
-            record["response"] = answer
-            record["id"] = content_id({"prompt": prompt, "response": answer})
-        record["split"] = assign_split(prompt_text, config.splits, config.split_seed)
-        record["source"] = source.name
-        record["source_row"] = int(number)
-        records.append(record)
-    return {"dataset": dataset, "name": source.name, "origin": origin, "format": fmt, "rows": count}
+        answer_key = "responses" if dataset == "comparisons" else "response"
+        records["prompt"].append(prompt)
+        records[answer_key].append(answer)
+        records["id"].append(content_id({"prompt": prompt, answer_key: answer}))
+        records["split"].append(assign_split(prompt_text, config.splits, config.split_seed))
+        records["source"].append(source.name)
+        records["source_row"].append(int(number))
+    if fmt is None and pending:
+        first = pending[0]
+        raise DataError(f"{origin}: row {first['row']}: rule {first['rule']}: {first['detail']}; no row matches a "
+                        "supported format")
+    invalid[first_invalid:] = sorted(invalid[first_invalid:] + pending, key=lambda r: r["row"])
+    entry = {"dataset": dataset, "name": source.name, "format": fmt, "rows": count}
+    # where the rows came from, the same on every machine (report.json is part of the data version's DVC output):
+    # a local file by name and content hash, never its absolute path; a hub dataset by its id
+    if source.path and Path(source.path).is_file():
+        entry.update(_file_digest(source.path))
+    else:
+        entry["origin"] = origin
+    return entry
 
 
 def prompts_from_comparisons(comparisons: pd.DataFrame) -> pd.DataFrame:
     """The ``prompts`` dataset: the unique prompts of ``comparisons`` in first-seen order, each with its (shared)
     split and the source where it was first seen; ``id`` = content id of ``{"prompt": messages}``."""
-    seen: dict[str, dict] = {}
+    seen: set[str] = set()
+    columns: dict[str, list] = {name: [] for name in COLUMNS["prompts"]}
     for prompt, split, source in zip(comparisons["prompt"], comparisons["split"], comparisons["source"]):
-        prompt = listify(prompt)
+        if not isinstance(prompt, list):  # numpy arrays read back from Parquet; ingested prompts are lists already
+            prompt = listify(prompt)
         pid = content_id({"prompt": prompt})
         if pid not in seen:
-            seen[pid] = {"id": pid, "prompt": prompt, "split": split, "source": source}
-    return frame_from_records("prompts", seen.values())
+            seen.add(pid)
+            for name, value in (("id", pid), ("prompt", prompt), ("split", split), ("source", source)):
+                columns[name].append(value)
+    return frame_from_columns("prompts", columns)
 
 
 def ingest(config: "DataConfig") -> IngestResult:
@@ -182,16 +267,18 @@ def ingest(config: "DataConfig") -> IngestResult:
         DataError: a source file is missing (and no hub is reachable), unreadable, or holds the wrong format.
     """
     invalid: list[dict] = []
+    warnings: list[dict] = []
     sources: list[dict] = []
     frames: dict[str, pd.DataFrame] = {}
     for dataset, configured in (("demonstrations", config.demonstrations), ("comparisons", config.comparisons)):
-        records: list[dict] = []
+        records: dict[str, list] = {name: [] for name in COLUMNS[dataset]}  # one list per column, no dict per row
         for source in configured:
-            sources.append(_read_source(dataset, source, config, records, invalid))
-        frames[dataset] = frame_from_records(dataset, records)
+            sources.append(_read_source(dataset, source, config, records, invalid, warnings))
+        frames[dataset] = frame_from_columns(dataset, records)
+        del records
     frames["prompts"] = prompts_from_comparisons(frames["comparisons"])
     for item in sources:
         bad = sum(1 for row in invalid if row["dataset"] == item["dataset"] and row["source"] == item["name"])
         logger.info("read %s rows of %s from %s (%s format): %s invalid", item["rows"], item["dataset"],
-                    item["origin"], item["format"], bad)
-    return IngestResult(frames=frames, invalid=invalid, sources=sources)
+                    item.get("file", item.get("origin")), item["format"], bad)
+    return IngestResult(frames=frames, invalid=invalid, sources=sources, warnings=warnings)

@@ -93,13 +93,13 @@ class PPOConfig(Section):
     kl_coef: float = Field(0.02, ge=0)  # beta
     # adaptive KL controller (Ziegler et al. 2019 §2.2): beta follows the measured KL towards kl_target
     adaptive_kl: bool = False
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, ge=1)
+    clip_range: float = Field(0.2, gt=0, le=1)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
     max_prompt_tokens: int = Field(128, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -107,13 +107,13 @@ class PPOConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     whiten_advantages: bool = True
     missing_eos_penalty: float | None = None
-    max_grad_norm: float = 1.0
-    ema_decay: float | None = None  # EMA of the policy's weights (paper: 0.992); the EMA weights are saved
+    max_grad_norm: float = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # EMA of the policy's weights (paper: 0.992); the EMA weights are saved
     # PPO-ptx (InstructGPT eq. 2): + ptx_coef * E_pretrain[log pi(x)]; 0 turns it off (paper: 27.8)
-    ptx_coef: float = 0.0
-    ptx_batch_size: int = 2
-    ptx_max_tokens: int = 128
-    ptx_source: str = "comparisons"  # chosen dialogues of the train comparisons, or a text/JSONL file path
+    ptx_coef: float = Field(0.0, ge=0)
+    ptx_batch_size: int = Field(2, ge=1)
+    ptx_max_tokens: int = Field(128, ge=2)
+    ptx_source: str = Field("comparisons", min_length=1)  # chosen dialogues of the train comparisons, or a text/JSONL file path
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints in output_dir/ppo/checkpoints (0: none)
     lora: LoraConfig = Field(default_factory=LoraConfig)  # LoRA on the policy and the value model; reference = adapters off
     activation_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -67,20 +67,21 @@ class RewardConfig(Section):
     """Reward model training (InstructGPT §3.5, App. C.2)."""
 
     mode: Literal["head", "top_layers", "full"] = "head"
-    top_layers: int = 6
+    top_layers: int = Field(6, ge=1)
     max_train_pairs: int | None = Field(300, ge=1)
     max_eval_pairs: int | None = Field(300, ge=1)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     learning_rate: float = Field(1e-5, gt=0)
     # ridge strengths tried by 5-fold cross-validation in the head-only mode (logistic regression on frozen features)
-    head_l2_candidates: list[float] = Field(default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0])
-    max_length: int = 384
+    head_l2_candidates: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [10.0, 100.0, 1000.0, 10000.0], min_length=1)
+    max_length: int = Field(384, ge=8)
     normalize: bool = True
     # the judge RM: trained like the RM on a split the RM never sees; evaluation's "gold" reward
     judge: bool = True
-    judge_split: str = "validation"
-    max_judge_pairs: int | None = 300
+    judge_split: str = Field("validation", pattern=r"^[A-Za-z0-9_-]+$")
+    max_judge_pairs: int | None = Field(300, ge=1)
     # steps between resumable checkpoints of the fine-tuning modes (full, top_layers) in
     # output_dir/reward/checkpoints/{model,judge}/step-N (0: none); a rerun with the same output_dir resumes
     checkpoint_every: int = Field(0, ge=0)

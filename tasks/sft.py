@@ -77,13 +77,13 @@ class SFTConfig(Section):
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     learning_rate: float = Field(2e-5, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decay to 10% of the peak LR
-    max_length: int = Field(256, ge=2)  # prompt + response tokens; the prompt is cut from the left first
-    eval_examples: int | None = 16
+    max_length: int = Field(256, ge=8)  # prompt + response tokens; the prompt is cut from the left first
+    eval_examples: int | None = Field(16, ge=1)
     logging_steps: int = Field(1, ge=1)
     # checkpoint selection (App. C.1): by mean RM score on validation prompts when this reward model is available
     # ("champion" = the registry's champion RM, a folder, or null), else by validation loss
-    selection_reward_model: str | None = "champion"
-    selection_prompts: int = 16
+    selection_reward_model: str | None = Field("champion", min_length=1)
+    selection_prompts: int = Field(16, ge=1)
     # the greedy responses scored for the selection: prompt tokens kept (from the left) and new tokens generated
     selection_max_prompt_tokens: int = Field(128, ge=1)
     selection_max_new_tokens: int = Field(32, ge=1)

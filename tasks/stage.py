@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class Section(BaseModel):
     """Base of every configuration section: unknown keys are errors (a typo never passes silently)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / inf are never a setting
 
 
 def section_hash(section: BaseModel) -> str:
@@ -42,11 +42,11 @@ class ModelConfig(Section):
     on CPU (:mod:`rlhf_pipeline.models.precision`).
     """
 
-    base: str = "smollm2-135m-instruct"
-    cache_dir: str | None = None  # default ~/.cache/rlhf-pipeline
+    base: str = Field("smollm2-135m-instruct", min_length=1)
+    cache_dir: str | None = Field(None, min_length=1)  # default ~/.cache/rlhf-pipeline
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=2**32 - 1)  # numpy's range
 
 
 class LoraConfig(Section):

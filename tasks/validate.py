@@ -25,12 +25,14 @@ Reports carry ids, source rows and rule names, never the rows' text (the compari
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import pandas as pd
 from pydantic import Field, model_validator
@@ -43,6 +45,10 @@ from rlhf_pipeline.tasks.stage import Section
 logger = logging.getLogger(__name__)
 
 
+#: names shown in reports, registry names and split names: letters, digits, '.', '_', '-' (no spaces, brackets, '/')
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class SourceConfig(Section):
     """One input data source.
 
@@ -52,11 +58,11 @@ class SourceConfig(Section):
     the first ``rlhf import-rankings``).
     """
 
-    name: str
-    path: str | None = None
-    hf_dataset: str | None = None
-    hf_config: str | None = None
-    hf_split: str = "train"
+    name: str = Field(pattern=NAME_PATTERN, description="shown in reports; letters, digits, '.', '_', '-'")
+    path: str | None = Field(None, min_length=1)
+    hf_dataset: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+    hf_config: str | None = Field(None, min_length=1)
+    hf_split: str = Field("train", min_length=1)
     format: Literal["auto", "hh_rlhf", "prompt_chosen_rejected", "kwise", "messages", "alpaca", "seed_tasks"] = "auto"
     optional: bool = False
 
@@ -66,16 +72,18 @@ class DataConfig(Section):
 
     comparisons: list[SourceConfig]
     demonstrations: list[SourceConfig]
-    prepared_dir: str = "data/prepared"
+    prepared_dir: str = Field("data/prepared", min_length=1)
     # Fractions of prompts per split; the split of a row is a hash of its prompt, so a prompt never crosses splits
     # and rows keep their split when new data arrives.
-    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "validation": 0.1, "test": 0.2})
-    split_seed: str = "rlhf-v1"
+    splits: dict[Annotated[str, Field(pattern=NAME_PATTERN)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: {"train": 0.7, "validation": 0.1, "test": 0.2})
+    split_seed: str = Field("rlhf-v1", min_length=1)
     invalid_rows: Literal["drop", "fail"] = "drop"
-    max_invalid_fraction: float = 0.02
-    max_prompt_tokens: int = 1024
-    max_response_tokens: int = 512
-    min_rows: dict[str, int] = Field(default_factory=lambda: {"demonstrations": 20, "comparisons": 50, "prompts": 20})
+    max_invalid_fraction: float = Field(0.02, ge=0, le=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_response_tokens: int = Field(512, ge=1)
+    min_rows: dict[Literal["demonstrations", "comparisons", "prompts"], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: {"demonstrations": 20, "comparisons": 50, "prompts": 20})
 
     @model_validator(mode="after")
     def _check_splits(self) -> DataConfig:
@@ -83,14 +91,19 @@ class DataConfig(Section):
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"data.splits must sum to 1, got {total}")
         for name in ("train", "test"):
-            if name not in self.splits:
-                raise ValueError(f"data.splits needs a '{name}' split")
+            if not self.splits.get(name):
+                raise ValueError(f"data.splits needs a non-empty '{name}' split")
+        names = [s.name for s in self.comparisons + self.demonstrations]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data: source names must be unique (rows are reported by source), got {names}")
         return self
 
 #: Fraction of rows that must be within the token budgets (the rest are warnings, kept and truncated by the trainers).
 BUDGET_MOSTLY = 0.99
 ESTIMATE_NOTE = "estimated as ceil(len(text) / 4) characters per token (no tokenizer given)"
 _INDEX_COLUMNS = ["id", "source", "source_row"]
+#: the setting behind a bounded column (named in failure messages)
+_SETTINGS = {"n_prompt_tokens": "data.max_prompt_tokens", "n_response_tokens": "data.max_response_tokens"}
 _MAX_LISTED = 50
 
 
@@ -141,6 +154,13 @@ def _describe(failure: dict) -> str:
         text += f": observed {failure['observed_value']}"
         if failure.get("expected"):
             text += f", expected {failure['expected']}"
+    elif failure.get("expected"):  # a row-level bound, e.g. a token budget: say which and where it is set
+        text += f" (expected {failure['expected']}"
+        if failure.get("setting"):
+            text += f", {failure['setting']}"
+        if failure.get("mostly") is not None:
+            text += f", for at least {failure['mostly']:.0%} of the rows"
+        text += ")"
     if failure.get("exception"):
         text += f": error {failure['exception']}"
     rows = list(zip(failure.get("sources") or [], failure.get("source_rows") or [], failure.get("row_ids") or []))
@@ -165,49 +185,120 @@ def _as_list(value: Any) -> list:
     return list(value) if value is not None else []
 
 
-def flat_frame(name: str, frame: pd.DataFrame, count_tokens: Callable[[str], int] | None = None) -> pd.DataFrame:
+def text_key(text: str) -> str:
+    """What the suites see of a text: ``""`` for an empty text (so length checks still see it empty), else a 20-hex
+    BLAKE2 digest (so uniqueness checks still compare texts). GX never holds the texts themselves: less memory and
+    hashing on 100,000 rows, and the red-teaming text never reaches a validation result."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest() if text else ""
+
+
+class TokenCounts:
+    """Token counts of texts for the budget expectations, each distinct text counted once (the prompts of the
+    comparisons would be counted again for the prompts dataset and in the second pass), in batches when
+    ``count_tokens`` has a ``batch`` method (``texts -> counts``; a fast tokenizer encodes a batch in parallel).
+
+    With ``within`` (the smallest token budget) and a counter that has an ``upper_bound(text)`` method (a byte-level
+    tokenizer: at most one token per byte), a text whose bound is within every budget is not tokenized: its bound
+    stands in for its count, which decides every budget expectation the same way (it passes)."""
+
+    def __init__(self, count_tokens: Callable[[str], int] | None = None, batch_size: int = 2048,
+                 within: int | None = None):
+        self.count = count_tokens or _estimate_tokens
+        self.batch = getattr(count_tokens, "batch", None)
+        self.bound = getattr(count_tokens, "upper_bound", None) if within is not None else None
+        self.within = within
+        self.batch_size = batch_size
+        self.known: dict[str, int] = {}  # text key -> count (or an upper bound within every budget)
+
+    def __call__(self, texts: list[str], keys: list[str]) -> list[int]:
+        todo: dict[str, str] = {}
+        bounds: dict[str, int] = {}  # not kept: a bound is cheaper to recompute than to hold for 100,000 texts
+        for text, key in zip(texts, keys):
+            if key in self.known or key in bounds:
+                continue
+            if self.bound is not None:
+                bound = self.bound(text)
+                if bound <= self.within:
+                    bounds[key] = bound
+                    continue
+            todo.setdefault(key, text)
+        if todo:
+            pending = list(todo.items())
+            for i in range(0, len(pending), self.batch_size):
+                chunk = pending[i:i + self.batch_size]
+                if self.batch is not None:
+                    counts = self.batch([text for _, text in chunk])
+                else:
+                    counts = [self.count(text) for _, text in chunk]
+                for (key, _), n in zip(chunk, counts):
+                    self.known[key] = int(n)
+        return [bounds[key] if key in bounds else self.known[key] for key in keys]
+
+
+def flat_frame(name: str, frame: pd.DataFrame, count_tokens: Callable[[str], int] | None = None,
+               tokens: TokenCounts | None = None, chunk: int = 8192) -> pd.DataFrame:
     """The flat frame a suite runs on: ``id``, ``source``, ``source_row`` (``-1`` for prompts), ``split``,
-    ``prompt_text`` (``render_prompt_text``), ``n_turns``, ``min_turn_chars``, ``last_prompt_role``,
-    ``n_prompt_tokens`` and, by dataset, ``response`` or ``n_responses`` + ``response_0..K-1`` (``None`` beyond a
-    row's K), plus ``n_response_tokens`` (the longest response). Texts are stripped."""
-    count = count_tokens or _estimate_tokens
-    rows = []
-    for record in frame.to_dict(orient="records"):
-        messages = [dict(m) for m in _as_list(record["prompt"])]
-        prompt_text = render_prompt_text(messages).strip()
-        flat: dict[str, Any] = {
-            "id": record["id"],
-            "source": record["source"],
-            "source_row": int(record.get("source_row", -1)),
-            "split": record["split"],
-            "prompt_text": prompt_text,
-            "n_turns": len(messages),
-            "min_turn_chars": min((len(str(m["content"]).strip()) for m in messages), default=0),
-            "last_prompt_role": messages[-1]["role"] if messages else None,
-            "n_prompt_tokens": int(count(prompt_text)),
-        }
+    ``prompt_text`` (the :func:`text_key` of ``render_prompt_text``), ``n_turns``, ``min_turn_chars``,
+    ``last_prompt_role``, ``n_prompt_tokens`` and, by dataset, ``response`` or ``n_responses`` + ``response_0..K-1``
+    (text keys; ``None`` beyond a row's K), plus ``n_response_tokens`` (the longest response). Texts are stripped
+    before they are keyed and counted; ``tokens`` shares counts between calls. Rows are processed ``chunk`` at a
+    time, so the rendered texts of only one chunk are in memory."""
+    tokens = tokens or TokenCounts(count_tokens)
+    n = len(frame)
+    data: dict[str, list] = {key: [] for key in ("prompt_text", "n_turns", "min_turn_chars", "last_prompt_role",
+                                                   "n_prompt_tokens", "response", "n_response_tokens", "n_responses")}
+    response_keys: list[list[str]] = []
+    prompt_column = frame["prompt"].tolist()
+    answers = (frame["response"].tolist() if name == "demonstrations" else
+               frame["responses"].tolist() if name == "comparisons" else None)
+    for lo in range(0, n, chunk):
+        prompts = [_as_list(p) for p in prompt_column[lo:lo + chunk]]
+        texts = [render_prompt_text([dict(m) for m in messages]).strip() for messages in prompts]
+        keys = [text_key(t) for t in texts]
+        data["prompt_text"] += keys
+        data["n_turns"] += [len(m) for m in prompts]
+        data["min_turn_chars"] += [min((len(str(m["content"]).strip()) for m in messages), default=0)
+                                   for messages in prompts]
+        data["last_prompt_role"] += [messages[-1]["role"] if messages else None for messages in prompts]
+        data["n_prompt_tokens"] += tokens(texts, keys)
         if name == "demonstrations":
-            flat["response"] = str(record["response"]).strip()
-            flat["n_response_tokens"] = int(count(flat["response"]))
+            texts = [str(r).strip() for r in answers[lo:lo + chunk]]
+            keys = [text_key(t) for t in texts]
+            data["response"] += keys
+            data["n_response_tokens"] += tokens(texts, keys)
         elif name == "comparisons":
-            responses = [str(r).strip() for r in _as_list(record["responses"])]
-            flat["n_responses"] = len(responses)
-            for i, response in enumerate(responses):
-                flat[f"response_{i}"] = response
-            flat["n_response_tokens"] = max((int(count(r)) for r in responses), default=0)
-        rows.append(flat)
+            ranked = [[str(r).strip() for r in _as_list(responses)] for responses in answers[lo:lo + chunk]]
+            texts = [t for responses in ranked for t in responses]
+            keys = [text_key(t) for t in texts]
+            counts = iter(tokens(texts, keys))
+            flat_keys = iter(keys)
+            response_keys += [[next(flat_keys) for _ in responses] for responses in ranked]
+            data["n_responses"] += [len(r) for r in ranked]
+            data["n_response_tokens"] += [max((next(counts) for _ in responses), default=0) for responses in ranked]
     columns = ["id", "source", "source_row", "split", "prompt_text", "n_turns", "min_turn_chars", "last_prompt_role",
                "n_prompt_tokens"]
+    out: dict[str, Any] = {
+        "id": frame["id"].tolist(),
+        "source": frame["source"].tolist(),
+        "source_row": ([int(r) for r in frame["source_row"]] if "source_row" in frame else [-1] * n),
+        "split": frame["split"].tolist(),
+        **{key: data[key] for key in columns[4:]},
+    }
     if name == "demonstrations":
         columns += ["response", "n_response_tokens"]
+        out.update(response=data["response"], n_response_tokens=data["n_response_tokens"])
     elif name == "comparisons":
-        k = max([2] + [r["n_responses"] for r in rows])
+        k = max([2] + data["n_responses"])
         columns += ["n_responses"] + [f"response_{i}" for i in range(k)] + ["n_response_tokens"]
-    out = pd.DataFrame(rows, columns=columns)
+        out["n_responses"] = data["n_responses"]
+        for i in range(k):
+            out[f"response_{i}"] = [row[i] if i < len(row) else None for row in response_keys]
+        out["n_response_tokens"] = data["n_response_tokens"]
+    flat = pd.DataFrame(out, columns=columns)
     for column in columns:
         if column.startswith("response_") or column == "last_prompt_role":
-            out[column] = out[column].astype(object)
-    return out
+            flat[column] = flat[column].astype(object)
+    return flat
 
 
 # ------------------------------------------------------------------------------------------------------------- suites
@@ -302,12 +393,15 @@ def _failure(result) -> dict:
             entry["row_ids"].append(_plain(item.get("id")))
             entry["source_rows"].append(_plain(item.get("source_row")))
             entry["sources"].append(_plain(item.get("source")))
+    bounds = {k: kwargs.get(k) for k in ("min_value", "max_value") if kwargs.get(k) is not None}
+    entry["expected"] = " ".join(f"{k}={int(v) if isinstance(v, float) and v.is_integer() else v}"
+                                 for k, v in bounds.items())
+    if isinstance(entry["column"], str) and entry["column"] in _SETTINGS:
+        entry["setting"] = _SETTINGS[entry["column"]]
     if entry["level"] == "row":
         entry["unexpected_count"] = int(details.get("unexpected_count", len(indexed)) or 0)
     else:
         entry["observed_value"] = _plain(details.get("observed_value"))
-        bounds = {k: kwargs.get(k) for k in ("min_value", "max_value") if kwargs.get(k) is not None}
-        entry["expected"] = " ".join(f"{k}={v}" for k, v in bounds.items())
     if result.exception_info and result.exception_info.get("raised_exception"):
         entry["level"] = "table"
         entry["exception"] = str(result.exception_info.get("exception_message"))[:300]
@@ -318,6 +412,7 @@ def validate_frames(
     frames: dict[str, pd.DataFrame],
     config: DataConfig,
     count_tokens: Callable[[str], int] | None = None,
+    flats: dict[str, pd.DataFrame] | None = None,
 ) -> ValidationReport:
     """Run the GX suite of each canonical dataset in ``frames`` (any of demonstrations, comparisons, prompts).
 
@@ -325,6 +420,7 @@ def validate_frames(
         frames: canonical frames (columns as in ``rlhf_pipeline.tasks.COLUMNS``).
         config: ``DataConfig`` (``min_rows``, ``max_prompt_tokens``, ``max_response_tokens``, ``splits``).
         count_tokens: text -> number of tokens; None estimates ``ceil(len / 4)`` (stated in the report).
+        flats: their :func:`flat_frame` already computed (by dataset), used instead of computing them again.
 
     Returns:
         :class:`ValidationReport`; row-level failures name the failing rows by id, source and source row.
@@ -334,10 +430,13 @@ def validate_frames(
     report = ValidationReport(success=True, token_counter="count_tokens" if count_tokens else ESTIMATE_NOTE)
     if count_tokens is None:
         logger.info("token counts %s", ESTIMATE_NOTE)
+    tokens = TokenCounts(count_tokens)
     for name in DATASETS:
         if name not in frames:
             continue
-        flat = flat_frame(name, frames[name], count_tokens)
+        flat = (flats or {}).get(name)
+        if flat is None:
+            flat = flat_frame(name, frames[name], tokens=tokens)
         suite = context.suites.add(_suite(name, flat, config))
         batch_definition = datasource.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
         batch = batch_definition.get_batch(batch_parameters={"dataframe": flat})
@@ -399,6 +498,10 @@ def _rows_to_drop(name: str, flat: pd.DataFrame, failures: list[dict]) -> list[d
     return [drop[i] for i in sorted(drop)]
 
 
+def _row_order(row: dict) -> tuple:
+    return (row["dataset"], str(row["source"]), row["row"] if isinstance(row["row"], int) else -1)
+
+
 def _fail_message(reason: str, dropped: list[dict], report: ValidationReport | None) -> str:
     lines = [f"data validation failed: {reason}"]
     for row in dropped[:_MAX_LISTED]:
@@ -431,8 +534,9 @@ def run_validate(
 
     Returns:
         ``{"version": 12-hex data version, "counts": {dataset: n_rows}, "dropped": [{"dataset", "source", "row", "id",
-        "rule", "detail"}], "report_path": Path | None, "paths": {name: Path} (empty without prepared_dir),
-        "validation": ValidationReport.to_dict()}``.
+        "rule", "detail"}], "structure_warnings": [rows kept with an unusual dialogue structure, same shape; refused
+        under ``strict`` / ``invalid_rows: fail``], "report_path": Path | None, "paths": {name: Path} (empty without
+        prepared_dir), "validation": ValidationReport.to_dict()}``.
 
     Raises:
         ValidationFailed: as above; its message lists each failing row (source, row, id, rule) and failing
@@ -442,10 +546,13 @@ def run_validate(
     result = ingest(config)
     frames = dict(result.frames)
     dropped = [dict(row) for row in result.invalid]
-    first = validate_frames({k: frames[k] for k in ("demonstrations", "comparisons")}, config, count_tokens)
-    for name in ("demonstrations", "comparisons"):
-        flat = flat_frame(name, frames[name], count_tokens)
-        dropped += _rows_to_drop(name, flat, first.datasets[name]["failed"])
+    # every distinct text is counted once over both passes; short texts are not tokenized when a bound suffices
+    tokens = TokenCounts(count_tokens, within=min(config.max_prompt_tokens, config.max_response_tokens))
+    pair = ("demonstrations", "comparisons")
+    flats = {name: flat_frame(name, frames[name], tokens=tokens) for name in pair}
+    first = validate_frames({k: frames[k] for k in pair}, config, count_tokens, flats=flats)
+    for name in pair:
+        dropped += _rows_to_drop(name, flats[name], first.datasets[name]["failed"])
 
     input_rows = {name: len(frames[name]) + sum(1 for r in result.invalid if r["dataset"] == name)
                   for name in ("demonstrations", "comparisons")}
@@ -454,28 +561,40 @@ def run_validate(
     base_report = {"dropped": dropped, "invalid_fraction": fractions, "policy": config.invalid_rows,
                    "strict": strict, "max_invalid_fraction": config.max_invalid_fraction,
                    "first_pass": first.to_dict()}
+    base_report["structure_warnings"] = result.warnings
     reason = None
-    if dropped and strict:
-        reason = f"{len(dropped)} invalid rows and strict mode allows none"
-    elif dropped and config.invalid_rows == "fail":
-        reason = f"{len(dropped)} invalid rows and data.invalid_rows is 'fail'"
+    refused = dropped + result.warnings  # strict / "fail": unusual structure is refused too
+    if refused and strict:
+        reason = f"{len(refused)} invalid or unusual rows and strict mode allows none"
+    elif refused and config.invalid_rows == "fail":
+        reason = f"{len(refused)} invalid or unusual rows and data.invalid_rows is 'fail'"
     else:
         over = {n: f for n, f in fractions.items() if f > config.max_invalid_fraction}
         if over:
             reason = "; ".join(f"{n}: {f:.2%} of rows invalid > data.max_invalid_fraction "
                                f"{config.max_invalid_fraction:.2%}" for n, f in over.items())
     if reason:
-        raise ValidationFailed(_fail_message(reason, dropped, None), base_report)
+        listed = refused if (strict or config.invalid_rows == "fail") else dropped
+        raise ValidationFailed(_fail_message(reason, sorted(listed, key=_row_order), None), base_report)
 
-    for name in ("demonstrations", "comparisons"):
+    unchanged = []
+    for name in pair:
         bad = {(r["source"], r["row"]) for r in dropped if r["dataset"] == name}
+        if not any(r["dataset"] == name for r in dropped[len(result.invalid):]):
+            unchanged.append(name)  # no row failed an expectation: the kept rows are the rows just validated
         frame = frames[name]
-        keep = pd.Series([(s, int(r)) not in bad for s, r in zip(frame["source"], frame["source_row"])],
-                         index=frame.index, dtype=bool)
+        keep = [(s, int(r)) not in bad for s, r in zip(frame["source"], frame["source_row"])]
         frames[name] = frame.loc[keep].reset_index(drop=True)
+        flats[name] = flats[name].loc[keep].reset_index(drop=True)
     frames["prompts"] = prompts_from_comparisons(frames["comparisons"])
+    flats["prompts"] = flat_frame("prompts", frames["prompts"], tokens=tokens)
 
-    final = validate_frames(frames, config, count_tokens)
+    # the second pass: every suite on the kept rows (a suite whose rows did not change keeps its first-pass result)
+    final = validate_frames({k: v for k, v in frames.items() if k not in unchanged}, config, count_tokens, flats=flats)
+    for name in unchanged:
+        final.datasets[name] = first.datasets[name]
+        final.success = final.success and first.datasets[name]["success"]
+    final.datasets = {name: final.datasets[name] for name in DATASETS if name in final.datasets}
     base_report["validation"] = final.to_dict()
     if not final.success:
         raise ValidationFailed(_fail_message("expectations failed on the kept rows", dropped, final), base_report)
@@ -485,13 +604,19 @@ def run_validate(
     for row in dropped:
         logger.info("dropped %s %s row %s (id %s): %s", row["dataset"], row["source"], row["row"], row["id"],
                     row["rule"])
+    for row in result.warnings:
+        logger.warning("kept %s %s row %s (id %s) with unusual structure: %s (%s)", row["dataset"], row["source"],
+                       row["row"], row["id"], row["rule"], row["detail"])
 
+    del flats, tokens, first
+    result.frames = {}
+    gc.collect()  # the GX contexts and the flat frames, before the Parquet files need the memory
     paths: dict[str, Path] = {}
     report_path = None
     if prepared_dir is not None:
         kept = IngestResult(frames=frames, invalid=dropped, sources=result.sources)
-        extra = {"dropped": dropped, "invalid_fraction": fractions, "policy": config.invalid_rows,
-                 "validation": final.to_dict()}
+        extra = {"dropped": dropped, "structure_warnings": result.warnings, "invalid_fraction": fractions,
+                 "policy": config.invalid_rows, "validation": final.to_dict()}
         paths = write_prepared(kept, prepared_dir, extra=extra)
         report_path = paths["report"]
         version = data_version(prepared_dir)
@@ -501,6 +626,7 @@ def run_validate(
         "version": version,
         "counts": {name: int(len(frames[name])) for name in DATASETS},
         "dropped": dropped,
+        "structure_warnings": result.warnings,
         "report_path": report_path,
         "paths": paths,
         "validation": final.to_dict(),

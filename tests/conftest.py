@@ -147,3 +147,29 @@ def label_studio(tmp_path_factory):
         yield SimpleNamespace(url=server.url, pid=server.pid, data_dir=server.data_dir, **credentials)
     finally:
         ls.stop_pid(server.pid)
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """One MLflow tracking store and registry on SQLite for the unit tests that need a real one (created once: its
+    migrations take seconds). Yields the URI; the global tracking URI points at it while a test uses it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.MlflowClient().search_experiments()  # creates the schema
+    mlflow.set_tracking_uri(previous)
+    yield uri
+
+
+@pytest.fixture()
+def mlflow_uri(mlflow_store, monkeypatch):
+    """The shared SQLite store as this test's tracking URI (``MLFLOW_TRACKING_URI`` and MLflow's global URI)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    mlflow.set_tracking_uri(mlflow_store)
+    yield mlflow_store
+    mlflow.set_tracking_uri(previous)

@@ -69,3 +69,51 @@ def test_load_prepared_missing_says_to_run_prepare(tmp_path):
     assert "comparisons.parquet" in str(info.value)
     with pytest.raises(FileNotFoundError, match="rlhf prepare"):
         data_version(tmp_path)
+
+
+def test_runs_read_an_immutable_content_addressed_version(tmp_path, real_result):
+    """Issue 11, item 1: a run reads data/versions/<data version>, a copy that a later prepare never changes."""
+    from rlhf_pipeline.tasks.datasets import snapshot_version, versions_dir
+
+    write_prepared(real_result, tmp_path / "data" / "prepared")
+    version = data_version(tmp_path / "data" / "prepared")
+    first = snapshot_version(tmp_path / "data" / "prepared")
+    assert first == versions_dir(tmp_path / "data" / "prepared") / version == tmp_path / "data" / "versions" / version
+    assert snapshot_version(tmp_path / "data" / "prepared") == first  # idempotent
+    assert all(not (p.stat().st_mode & 0o222) for p in first.iterdir())  # read-only files
+
+    changed = {k: v.copy() for k, v in real_result.frames.items()}
+    changed["comparisons"] = changed["comparisons"].iloc[:-10]
+    write_prepared(IngestResult(frames=changed, invalid=[]), tmp_path / "data" / "prepared")  # a new version published
+    second = snapshot_version(tmp_path / "data" / "prepared")
+    assert second != first and data_version(first) == version  # the version a run was reading is untouched
+    assert len(load_prepared(first, "comparisons")) == 1992
+
+    report = json.loads((tmp_path / "data" / "prepared" / "report.json").read_text())
+    report["data_version"] = "0" * 12  # a folder whose files and report disagree is refused
+    (tmp_path / "data" / "prepared" / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="inconsistent"):
+        snapshot_version(tmp_path / "data" / "prepared")
+
+
+def test_the_same_data_gives_the_same_report_on_every_machine(tmp_path, shared_data):
+    """Issue 11, item 4: report.json (part of the DVC output) holds no absolute path: the same sources in two checkouts
+    at different places give byte-identical prepared folders, so a fresh checkout's `dvc repro` leaves dvc.lock as
+    committed."""
+    import shutil
+
+    from rlhf_pipeline.tasks.validate import DataConfig, SourceConfig, run_validate
+
+    reports = []
+    for checkout in ("first/checkout", "elsewhere/deeper/clone"):
+        data = tmp_path / checkout / "shared"
+        data.mkdir(parents=True)
+        shutil.copy(shared_data / "instruction-seed-tasks" / "seed_tasks.jsonl", data / "seed_tasks.jsonl")
+        config = DataConfig(comparisons=[], demonstrations=[SourceConfig(name="seed", path=str(data / "seed_tasks.jsonl"))],
+                            min_rows={"demonstrations": 1, "comparisons": 0, "prompts": 0})
+        run_validate(config, prepared_dir=tmp_path / checkout / "prepared")
+        reports.append((tmp_path / checkout / "prepared" / "report.json").read_bytes())
+    assert reports[0] == reports[1]
+    assert str(tmp_path) not in reports[0].decode()
+    sources = json.loads(reports[0])["sources"]
+    assert [(s["name"], s["file"], len(s["sha256"])) for s in sources] == [("seed", "seed_tasks.jsonl", 64)]

@@ -184,11 +184,55 @@ def test_compose_services(compose):
     command = _command(mlflow)
     assert "mlflow server" in command
     assert re.search(r"--artifacts-destination[= ]s3://", command)
-    assert re.search(r"--backend-store-uri[= ]postgresql://\S+@mlflow-db:5432/", command)
+    assert re.search(r"--backend-store-uri[= ]\"?postgresql://\S+@mlflow-db:5432/", command)
     assert "--allowed-hosts" in command and "mlflow:*" in command  # other containers call it by its service name
     assert mlflow["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert (INFRA / mlflow["build"]["dockerfile"]).is_file()
     assert "psycopg2" in (INFRA / mlflow["build"]["dockerfile"]).read_text()
+
+
+def test_compose_is_private_and_refuses_default_secrets(compose):
+    """Issue 11, item 14: every published port binds to 127.0.0.1 unless RLHF_BIND_ADDRESS opts in; no secret has a
+    default (compose refuses to start while one is unset); `check-secrets` refuses known defaults and short values
+    before anything starts; Prefect's API and MLflow (its basic-auth app) ask for credentials."""
+    import subprocess
+
+    text = (INFRA / "docker-compose.yaml").read_text()
+    services = compose["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${RLHF_BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    secret = r"\$\{(\w*(?:PASSWORD|USER|SECRET|AUTH|KEY)\w*)(:?[-?])"
+    used = re.findall(secret, text)
+    assert used and all(op == ":?" for _, op in used), [v for v, op in used if op != ":?"]
+
+    def depends(name: str) -> set[str]:
+        direct = set(services[name].get("depends_on", {}) or {})
+        return direct | {d for dep in direct for d in depends(dep)}
+
+    assert all("check-secrets" in depends(name) for name in services if name != "check-secrets")
+    script = services["check-secrets"]["command"][0].replace("$$", "$")
+    strong = {"PREFECT_DB_PASSWORD": "pg-Prefect-7f3a9c2e", "MLFLOW_DB_PASSWORD": "pg-Mlflow-91bd20aa",
+              "MINIO_ROOT_PASSWORD": "minio-5e8a1f77c3", "MLFLOW_ADMIN_PASSWORD": "admin-0c4f9e2b71",
+              "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-6a1d8e3f90b2", "PREFECT_API_AUTH_STRING": "rlhf:api-3b7c5d9e1f"}
+    run = lambda env: subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)  # noqa: E731
+    assert run(strong).returncode == 0
+    for name, value in (("MINIO_ROOT_PASSWORD", "minioadmin"), ("MLFLOW_ADMIN_PASSWORD", "password1234"),
+                        ("PREFECT_DB_PASSWORD", "change-me"), ("MLFLOW_DB_PASSWORD", "short"),
+                        ("PREFECT_API_AUTH_STRING", "no-colon-here-at-all")):
+        refused = run({**strong, name: value})
+        assert refused.returncode == 1 and name in refused.stdout, (name, refused.stdout)
+
+    mlflow = services["mlflow"]
+    assert "--app-name basic-auth" in _command(mlflow) and mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    assert "admin_password = %s" in _command(mlflow)  # written from the environment at start, not in the image
+    prefect = services["prefect-server"]["environment"]
+    assert prefect["PREFECT_SERVER_API_AUTH_STRING"].startswith("${PREFECT_API_AUTH_STRING:?")
+    worker = services["worker"]["environment"]
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"} <= set(worker)
+    assert "@" not in worker["MLFLOW_TRACKING_URI"]  # credentials by variable, never inside the URI
+    example = (INFRA / ".env.example").read_text()
+    assert "RLHF_BIND_ADDRESS=127.0.0.1" in example and "infra/.env" in (PROJECT_ROOT / ".gitignore").read_text()
 
 
 def test_compose_worker_gets_a_gpu(compose):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
+import pytest
+
 from rlhf_pipeline.tasks.formats import MalformedRow, render_prompt_text, split_hh_comparison
 from rlhf_pipeline.tasks.ingest import assign_split, ingest
 from rlhf_pipeline.tasks.validate import SourceConfig
@@ -82,3 +84,37 @@ def test_rows_keep_their_split_when_new_rows_arrive(tmp_path, hh_rows):
     new = after.frames["comparisons"].set_index("id")["split"]
     assert len(old) == 299 and len(new) == 598  # lines 87 and 517 are malformed
     assert new.loc[old.index].tolist() == old.tolist()
+
+
+def test_structure_is_reported_not_dropped_silently(tmp_path, hh_rows):
+    """Issue 11, item 11: a `messages` demonstration that ends after the reply is refused (its turns were dropped
+    without a word); dialogues that start with the assistant or repeat a role are kept with a warning (the real HH data
+    has 4 with two assistant turns in a row) and refused under --strict; a second format in a file is named as such."""
+    from rlhf_pipeline.tasks.validate import ValidationFailed, run_validate
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "and then?"}]},
+        {"messages": [{"role": "assistant", "content": "Welcome"}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "c"}]},
+    ])
+    config = small_data_config(tmp_path, demonstrations=[SourceConfig(name="chats", path=str(chats))])
+    result = ingest(config)
+    assert [(r["row"], r["rule"]) for r in result.invalid] == [(2, "ends_after_reply")]
+    assert "1 turn(s) (user) after the last assistant reply" in result.invalid[0]["detail"]
+    assert [(r["row"], r["rule"]) for r in result.warnings] == [(3, "starts_with_assistant"), (4, "repeated_role")]
+    assert len(result.frames["demonstrations"]) == 3  # kept, and said so
+    with pytest.raises(ValidationFailed) as info:
+        run_validate(config.model_copy(update={"max_invalid_fraction": 1.0}), strict=True)
+    assert "starts_with_assistant" in str(info.value) and "repeated_role" in str(info.value)
+
+    # 30 HH transcripts, then prompt/chosen/rejected rows from row 31: the rule names the second format and its start
+    pcr = [{"prompt": f"Question {i}?", "chosen": "Yes.", "rejected": "No."} for i in range(5)]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", hh_rows[:30] + pcr)
+    result = ingest(small_data_config(tmp_path, comparisons=[SourceConfig(name="mixed", path=str(mixed))]))
+    assert [(r["row"], r["rule"]) for r in result.invalid] == [(n, "mixed_format") for n in range(31, 36)]
+    assert all("second format starts at row 31" in r["detail"] and "'prompt_chosen_rejected'" in r["detail"]
+               for r in result.invalid)

@@ -67,3 +67,43 @@ def test_hub_fallback_offline_says_the_file_is_missing(tmp_path, monkeypatch):
         ingest(small_data_config(tmp_path, comparisons=[source]))
     message = str(info.value)
     assert "absent.jsonl.gz is missing" in message and "hub" in message
+
+
+def test_one_row_numbering_for_encoding_errors_and_truncated_files(tmp_path, hh_rows):
+    """Issue 11, item 10: a line that is not UTF-8 is an invalid row under its own line number (the rest of the file is
+    read, as for a line that is not JSON); a truncated gzip fails the source naming the file once and the first row
+    that could not be read, never `row ?`."""
+    lines = [json.dumps(r).encode() + b"\n" for r in hh_rows[:6]]
+    lines[2] = lines[2].replace(b"Human", b"Hu\xffman", 1)  # line 3: a byte that is not UTF-8
+    mixed = tmp_path / "latin.jsonl"
+    mixed.write_bytes(b"".join(lines))
+    rows = list(read_rows(mixed))
+    assert [n for n, _ in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[2][1].rule == "invalid_encoding" and "0xff" in rows[2][1].detail
+    result = ingest(small_data_config(tmp_path, comparisons=[SourceConfig(name="latin", path=str(mixed))]))
+    assert [(r["row"], r["rule"]) for r in result.invalid] == [(3, "invalid_encoding")]
+    assert len(result.frames["comparisons"]) == 5
+
+    whole = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in hh_rows[:400]))
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError) as info:
+        ingest(small_data_config(tmp_path, comparisons=[SourceConfig(name="cut", path=str(truncated))]))
+    message = str(info.value)
+    assert message.count(str(truncated)) == 1 and "row ?" not in message
+    assert "rule unreadable" in message and "truncated" in message
+    row = int(message.split(": row ")[1].split(":")[0])
+    assert 1 < row < 400 and f"{row - 1} rows were read before it" in message
+
+
+def test_a_bad_first_row_is_one_invalid_row_everywhere(tmp_path, hh_rows):
+    """Issue 11, item 10: the file's format comes from its first row that decodes and matches a format, so a bad first
+    row is dropped like any other (ingestion and `rlhf validate --data` decide the same way)."""
+    from rlhf_pipeline.tasks.ingest import detect_file_format
+
+    path = tmp_path / "first.jsonl"
+    path.write_text("{not json\n" + "".join(json.dumps(r) + "\n" for r in hh_rows[:5]))
+    assert detect_file_format(read_rows(path), str(path)) == ("hh_rlhf", 2)
+    result = ingest(small_data_config(tmp_path, comparisons=[SourceConfig(name="first", path=str(path))]))
+    assert [(r["row"], r["rule"]) for r in result.invalid] == [(1, "invalid_json")]
+    assert result.frames["comparisons"]["source_row"].tolist() == [2, 3, 4, 5, 6]
