@@ -97,9 +97,12 @@ def test_a_fresh_checkout_reproduces_the_committed_dvc_lock(tmp_path, shared_dat
     for name in ("dvc.yaml", "dvc.lock", "params.yaml"):
         shutil.copy(PROJECT_ROOT / name, checkout / name)
     for dep in spec["stages"]["prepare"]["deps"]:
-        if not dep.startswith(".."):
+        if not dep.startswith(("..", "data/")):
             (checkout / dep).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(PROJECT_ROOT / dep, checkout / dep)
+    # the optional human-feedback source is not in git (a user's rankings go there): `rlhf run` creates it empty first
+    created = dvc.ensure_optional_sources(load_config(checkout / "params.yaml", "smoke"))
+    assert [path.name for path in created] == ["comparisons.jsonl"] and created[0].stat().st_size == 0
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(command, cwd=checkout, check=True)
     proc = subprocess.run(["dvc", "repro", "prepare"], cwd=checkout, env=dvc.dvc_env(), capture_output=True, text=True)
