@@ -27,7 +27,7 @@ smoke: $(STAMP)  ## the whole pipeline on the tiny model in about a minute
 
 test: $(STAMP) browser  ## lint, then unit, real-data, integration and UI tests
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
 
 # Headless Chromium for tests/ui: Debian's package (Playwright drives it; it downloads no browser of its own).
 .PHONY: browser

@@ -40,6 +40,31 @@ from rlhf_pipeline.tasks.validate import DataConfig, SourceConfig  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+#: How `make test` spreads the suite over two pytest-xdist workers (``-n 2 --dist loadgroup --no-loadscope-reorder``).
+#: Every module is one work unit (its module fixtures run once), modules that share a session fixture are one unit
+#: (one local Ray at a time; one Label Studio server), and the units start longest first (seconds measured on the
+#: 2-core machine, `--durations=0`), so that the two workers end close together. Without ``-n`` only the order changes.
+SHARED_UNITS = {"test_ray.py": "ray", "test_feedback_loop.py": "label-studio", "test_label_studio_ui.py": "label-studio",
+                "test_pipeline_smoke.py": "smoke", "test_mlflow_ui.py": "smoke"}
+UNIT_SECONDS = {"ray": 270, "smoke": 230, "label-studio": 120,
+                "tests/integration/test_resume.py": 130, "tests/integration/test_real_servers.py": 125,
+                "tests/integration/test_distributed.py": 75,
+                "tests/integration/test_cli.py": 50, "tests/integration/test_data_versions.py": 41,
+                "tests/integration/test_kill.py": 30}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    def unit(item) -> str:
+        module = item.nodeid.split("::")[0]
+        return SHARED_UNITS.get(Path(module).name, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (-UNIT_SECONDS.get(unit(item), 0), order[id(item)]))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real data sets: ``../shared/data`` beside the project root (see its README)."""
@@ -173,3 +198,37 @@ def mlflow_uri(mlflow_store, monkeypatch):
     mlflow.set_tracking_uri(mlflow_store)
     yield mlflow_store
     mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A temporary Prefect server (Prefect's own test harness) for the flows of this test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def first_smoke_run(tmp_path_factory, shared_data, tiny_model_path, prefect_server):
+    """The smoke flow's first run in a fresh project (git + DVC) on the first 1,800 real comparisons, into MLflow on
+    SQLite: the start of the project-lifecycle test, which goes on from here, and what the MLflow UI tests look at
+    (one run for both). ``snapshot_uri`` is a copy of the store as this run left it, before anything else runs."""
+    import shutil
+    from types import SimpleNamespace
+
+    from tests.integration.test_pipeline_smoke import FIRST_ROWS, _run_flow, make_project
+
+    root = tmp_path_factory.mktemp("smoke")
+    lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
+    incoming = root / "incoming" / "comparisons.jsonl"
+    incoming.parent.mkdir()
+    incoming.write_text("".join(lines[:FIRST_ROWS]))
+    project = make_project(root / "project", shared_data, comparisons=incoming)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        summary = _run_flow(project, "runs/first")
+    shutil.copy(root / "mlflow.db", root / "mlflow-after-first-run.db")
+    return SimpleNamespace(root=root, project=project, incoming=incoming, uri=uri, summary=summary,
+                           snapshot_uri=f"sqlite:///{root / 'mlflow-after-first-run.db'}")

@@ -47,14 +47,6 @@ def make_project(root: Path, shared_data: Path, comparisons: Path | None = None)
     return root
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture()
 def mlflow_sqlite(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -68,20 +60,19 @@ def _run_flow(project: Path, output: str, overrides: list[str] | None = None):
     return rlhf_pipeline(profile="smoke", overrides=overrides, project_dir=str(project), output_dir=output)
 
 
-def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_server, mlflow_sqlite, tiny_model_path):
+def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_server, first_smoke_run, monkeypatch,
+                                           tiny_model_path):
     import mlflow
     from mlflow import MlflowClient
     from prefect import get_client
 
     from rlhf_pipeline.tasks.datasets import data_version
 
-    # the first 1,800 real comparisons; the last 200 arrive later as new data for the scheduled retrain
-    lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
-    incoming = tmp_path / "incoming" / "comparisons.jsonl"
-    incoming.parent.mkdir()
-    incoming.write_text("".join(lines[:FIRST_ROWS]))
-    project = make_project(tmp_path / "project", shared_data, comparisons=incoming)
-    summary = _run_flow(project, "runs/first")
+    # the first run: the first 1,800 real comparisons (tests/conftest.py); the last 200 arrive later as new data for
+    # the scheduled retrain
+    project, incoming, summary = first_smoke_run.project, first_smoke_run.incoming, first_smoke_run.summary
+    mlflow_sqlite = first_smoke_run.uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_sqlite)
 
     # summary.json: the interface other checks read
     on_disk = json.loads((project / "runs/first/summary.json").read_text())
@@ -268,6 +259,7 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     # challenger; its SFT checkpoint is picked by the champion reward model (App. C.1)
     from rlhf_pipeline.flows.retrain import rlhf_retrain
 
+    lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
     with open(incoming, "a") as fh:
         fh.write("".join(lines[FIRST_ROWS:]))
     new = rlhf_retrain(profile="smoke", project_dir=str(project), output_dir="runs/retrain")

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_pipeline_smoke import _run_flow, make_project  # the smoke test's project and flow call
-
 pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -48,19 +46,15 @@ def browser_requirements():
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, shared_data, tiny_model_path):
-    """One smoke-profile flow run through real Prefect (temporary server) into MLflow on SQLite."""
+def pipeline_run(first_smoke_run, tmp_path_factory):
+    """The smoke flow's first run (tests/conftest.py: real Prefect, MLflow on SQLite), seen through a copy of its
+    MLflow store as that run left it."""
     from mlflow import MlflowClient
-    from prefect.testing.utilities import prefect_test_harness
 
     root = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    project = make_project(root / "project", shared_data)
-    with pytest.MonkeyPatch.context() as patch, prefect_test_harness(server_startup_timeout=120):
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        summary = _run_flow(project, "runs/ui")
+    uri = first_smoke_run.snapshot_uri
     client = MlflowClient(tracking_uri=uri)
-    parent = client.get_run(summary["mlflow_parent_run_id"])
+    parent = client.get_run(first_smoke_run.summary["mlflow_parent_run_id"])
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
