@@ -25,6 +25,11 @@ def test_a_ppo_parameter_changes_only_the_ppo_and_evaluation_keys():
     assert ppo["ppo"] != base["ppo"] and ppo["evaluate"] != base["evaluate"]
     sft = _keys(load_config(params, "smoke", ["sft.learning_rate=3.0e-4"]))
     assert all(sft[s] != base[s] for s in base)  # upstream change invalidates everything downstream
+    # issue 8: SFT's checkpoint-selection generations are SFT's own settings, in its key; PPO's lengths are not
+    selection = _keys(load_config(params, "smoke", ["sft.selection_max_new_tokens=5"]))
+    assert selection["sft"] != base["sft"]
+    lengths = _keys(load_config(params, "smoke", ["ppo.max_new_tokens=5", "ppo.max_prompt_tokens=40"]))
+    assert lengths["sft"] == base["sft"] and lengths["reward"] == base["reward"] and lengths["ppo"] != base["ppo"]
     data = _keys(load_config(params, "smoke"), data_version="v2")
     assert all(data[s] != base[s] for s in base)
     # evaluation or promotion settings never retrain
