@@ -99,6 +99,15 @@ class Config(Section):
         if self.reward.judge and self.reward.judge_split not in self.data.splits:
             raise ValueError(f"reward.judge_split {self.reward.judge_split!r} is not one of data.splits "
                              f"({', '.join(self.data.splits)})")
+        workers = self.distributed.workers
+        if workers > 1:  # PPO splits its global batches into equal shares (SFT, RM and evaluation take uneven ones)
+            sizes = {"ppo.batch_size": self.ppo.batch_size, "ppo.mini_batch_size": self.ppo.mini_batch_size}
+            if self.ppo.ptx_coef > 0:
+                sizes["ppo.ptx_batch_size"] = self.ppo.ptx_batch_size
+            uneven = [f"{key} ({value})" for key, value in sizes.items() if value % workers]
+            if uneven:
+                raise ValueError(f"{', '.join(uneven)} must be a multiple of distributed.workers ({workers}): each "
+                                 "worker takes an equal share of PPO's global batches")
         return self
 
     def section_hash(self, section: str) -> str:

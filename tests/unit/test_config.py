@@ -38,6 +38,24 @@ def test_every_number_and_name_has_its_range(override, key):
     assert any(key in text for text in named), named
 
 
+def test_ppo_batches_must_split_evenly_over_the_workers():
+    """3 workers and the smoke profile's PPO batches (4, minibatches of 2, PTX batches of 2) are refused on loading,
+    naming each size, instead of failing in the PPO stage after SFT and the RM have trained; 2 and 4 workers load."""
+    from pydantic import ValidationError
+
+    params = PROJECT_ROOT / "params.yaml"
+    with pytest.raises(ValidationError) as info:
+        load_config(params, "smoke", ["distributed.workers=3"])
+    message = str(info.value)
+    assert "ppo.batch_size (4), ppo.mini_batch_size (2), ppo.ptx_batch_size (2)" in message
+    assert "multiple of distributed.workers (3)" in message
+    for workers in (1, 2):
+        assert load_config(params, "smoke", [f"distributed.workers={workers}"]).distributed.workers == workers
+    # PTX off: its batch size no longer matters
+    config = load_config(params, "smoke", ["distributed.workers=2", "ppo.ptx_batch_size=3", "ppo.ptx_coef=0"])
+    assert config.ppo.ptx_batch_size == 3
+
+
 def test_a_missing_base_model_is_refused_before_any_work(tmp_path, monkeypatch):
     """Issue 11, item 8: a model.base that does not exist fails in seconds, before the data gate, saying what is
     missing (a folder, a config.json, or a hub model while the hub is offline), never "couldn't connect"."""
