@@ -213,7 +213,8 @@ def prefect_server():
 def first_smoke_run(tmp_path_factory, shared_data, tiny_model_path, prefect_server):
     """The smoke flow's first run in a fresh project (git + DVC) on the first 1,800 real comparisons, into MLflow on
     SQLite: the start of the project-lifecycle test, which goes on from here, and what the MLflow UI tests look at
-    (one run for both). ``snapshot_uri`` is a copy of the store as this run left it, before anything else runs."""
+    (one run for both). ``snapshot_uri`` is a copy of the store as this run left it, before anything else runs;
+    ``later_rows`` are the file's remaining lines, the new data of the lifecycle's scheduled retrain."""
     import shutil
     from types import SimpleNamespace
 
@@ -231,4 +232,5 @@ def first_smoke_run(tmp_path_factory, shared_data, tiny_model_path, prefect_serv
         summary = _run_flow(project, "runs/first")
     shutil.copy(root / "mlflow.db", root / "mlflow-after-first-run.db")
     return SimpleNamespace(root=root, project=project, incoming=incoming, uri=uri, summary=summary,
-                           snapshot_uri=f"sqlite:///{root / 'mlflow-after-first-run.db'}")
+                           snapshot_uri=f"sqlite:///{root / 'mlflow-after-first-run.db'}",
+                           later_rows="".join(lines[FIRST_ROWS:]))

@@ -103,7 +103,7 @@ def _ppo_update(model_path: str, batch_file: str, engine):
 
     cfg, policy, value, _ = _ppo_setup(model_path)
     policy, value = engine.prepare(policy), engine.prepare(value)
-    saved = torch.load(batch_file, weights_only=False)
+    saved = torch.load(batch_file, weights_only=True)
     stats = ppo_update(Rollout(**saved["rollout"]), saved["batch"], saved["advantages"], saved["returns"], policy,
                        value, adamw(policy.parameters(), cfg.learning_rate), adamw(value.parameters(), 1e-3), cfg,
                        torch.Generator().manual_seed(5), engine=engine)
@@ -129,7 +129,7 @@ def test_ppo_update_on_two_workers_equals_one_process(tiny_model_path, tmp_path)
     _make_global_batch(str(tiny_model_path), batch_file)
     policy, value, stats = _ppo_update(str(tiny_model_path), batch_file, Engine.create("cpu", "fp32"))
     _spawn(_ppo_worker, 2, str(tiny_model_path), batch_file, str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
     _, initial_policy, initial_value, _ = _ppo_setup(str(tiny_model_path))
     initial = initial_policy.state_dict()
     _assert_same_weights(two["weights"]["policy"], policy.state_dict(), initial)
@@ -172,7 +172,7 @@ def test_reward_fine_tuning_on_two_workers_equals_one_process(tiny_model_path, p
 
     model, figures, initial = _reward_train(str(tiny_model_path), str(prepared_data), Engine.create("cpu", "fp32"))
     _spawn(_reward_worker, 2, str(tiny_model_path), str(prepared_data), str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
     _assert_same_weights(two["weights"], model.state_dict(), initial)
     assert figures["steps"] == two["figures"]["steps"] == 3
     assert two["figures"]["train_loss"] == pytest.approx(figures["train_loss"], rel=1e-5)
@@ -253,7 +253,7 @@ def test_sft_on_two_workers_equals_one_process(tiny_model_path, prepared_data, s
     model, prepared = str(tiny_model_path), str(prepared_data)
     one, one_logged = _run_sft(model, prepared, selection_rm, str(tmp_path / "one"))
     _spawn(_sft_worker, 2, model, prepared, selection_rm, str(tmp_path / "two"), str(tmp_path / "two.pt"))
-    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert (one.metrics["workers"], two["metrics"]["workers"]) == (1.0, 2.0)
     assert one.metrics["steps"] == 4.0 and one.metrics["selection"] == "mean_rm_score"
 
@@ -282,7 +282,7 @@ def test_sft_on_two_workers_equals_one_process(tiny_model_path, prepared_data, s
             metrics = _run_sft(model, prepared, selection_rm, str(out))[0].metrics
         else:
             _spawn(_sft_worker, 2, model, prepared, selection_rm, str(out), str(tmp_path / "resumed.pt"))
-            metrics = torch.load(tmp_path / "resumed.pt", weights_only=False)["metrics"]
+            metrics = torch.load(tmp_path / "resumed.pt", weights_only=True)["metrics"]
         assert metrics["resumed_from_step"] == 3.0 and metrics["workers"] == float(resume_on)
         _same_sft(out, metrics, tmp_path / "one", one.metrics, base)
 

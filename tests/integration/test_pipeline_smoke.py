@@ -60,8 +60,7 @@ def _run_flow(project: Path, output: str, overrides: list[str] | None = None):
     return rlhf_pipeline(profile="smoke", overrides=overrides, project_dir=str(project), output_dir=output)
 
 
-def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_server, first_smoke_run, monkeypatch,
-                                           tiny_model_path):
+def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, prefect_server, first_smoke_run, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
     from prefect import get_client
@@ -259,9 +258,8 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, shared_data, prefect_serve
     # challenger; its SFT checkpoint is picked by the champion reward model (App. C.1)
     from rlhf_pipeline.flows.retrain import rlhf_retrain
 
-    lines = gzip.open(shared_data / "hh-rlhf-harmless/comparisons.jsonl.gz", "rt").read().splitlines(keepends=True)
     with open(incoming, "a") as fh:
-        fh.write("".join(lines[FIRST_ROWS:]))
+        fh.write(first_smoke_run.later_rows)
     new = rlhf_retrain(profile="smoke", project_dir=str(project), output_dir="runs/retrain")
     assert new["skipped"] is False
     assert new["data"]["version"] != on_disk["data"]["version"]

@@ -40,7 +40,7 @@ def test_every_number_and_name_has_its_range(override, key):
 
 def test_ppo_batches_must_split_evenly_over_the_workers():
     """3 workers and the smoke profile's PPO batches (4, minibatches of 2, PTX batches of 2) are refused on loading,
-    naming each size, instead of failing in the PPO stage after SFT and the RM have trained; 2 and 4 workers load."""
+    naming each size, instead of failing in the PPO stage after SFT and the RM have trained; 1 and 2 workers load."""
     from pydantic import ValidationError
 
     params = PROJECT_ROOT / "params.yaml"
