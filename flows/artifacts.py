@@ -38,21 +38,44 @@ def stage_artifact(stage: str, status: str, metrics: dict, link: str, note: str 
     publish(f"rlhf-{stage}", f"{stage}: {status}", stage_markdown(stage, status, metrics, link, note))
 
 
+def _interval(m: dict, key: str) -> str:
+    low, high = m[f"{key}_ci"]
+    return f"{m[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def evaluation_markdown(metrics: dict, link: str, report: str) -> str:
-    """The evaluation's headline figures (win rates with intervals, rewards, KL, the judge's verdict) and where the
-    HTML report is."""
+    """The evaluation's headline sentence in bold, then its figures (win rates with intervals, raw and
+    length-controlled; rewards, KL, lengths and end-token fractions, the proxy-judge correlation, both perplexities,
+    the judge's verdict) and where the HTML report is. Figures an older or judge-less evaluation lacks are left out."""
     m = metrics
-    low, high = m["win_rate_vs_sft_ci"]
-    text = ("| metric | value |\n|---|---|\n"
-            f"| win rate PPO vs SFT (RM) | {m['win_rate_vs_sft']:.3f} [{low:.3f}, {high:.3f}] |\n"
-            f"| mean reward PPO / SFT | {m['mean_reward_policy']:.3f} / {m['mean_reward_sft']:.3f} |\n"
-            f"| KL to SFT (nats) | {m['kl_to_sft']:.3f} |\n")
+    rows = [("win rate PPO vs SFT (RM)", _interval(m, "win_rate_vs_sft"))]
+    if "win_rate_vs_sft_length_controlled" in m:
+        rows.append(("win rate PPO vs SFT (RM, length-controlled)", _interval(m, "win_rate_vs_sft_length_controlled")
+                     + f"; {m['reward_per_token']:.4g} reward / token"))
     if "win_rate_vs_sft_judge" in m:
-        j_low, j_high = m["win_rate_vs_sft_judge_ci"]
-        text += (f"| win rate PPO vs SFT (judge) | {m['win_rate_vs_sft_judge']:.3f} [{j_low:.3f}, {j_high:.3f}] |\n\n"
-                 f"{m['judge_verdict']}\n\n")
-    else:
-        text += "\n"
+        rows.append(("win rate PPO vs SFT (judge)", _interval(m, "win_rate_vs_sft_judge")))
+    if "win_rate_vs_sft_judge_length_controlled" in m:
+        rows.append(("win rate PPO vs SFT (judge, length-controlled)",
+                     _interval(m, "win_rate_vs_sft_judge_length_controlled")))
+    rows += [("mean reward PPO / SFT", f"{m['mean_reward_policy']:.3f} / {m['mean_reward_sft']:.3f}"),
+             ("KL to SFT (nats)", f"{m['kl_to_sft']:.3f}")]
+    if "response_length_policy" in m:
+        rows.append(("mean length PPO / SFT (tokens)",
+                     f"{m['response_length_policy']:.1f} / {m['response_length_sft']:.1f}"))
+    if "ended_with_eos_policy" in m:
+        rows.append(("ended with an end token PPO / SFT",
+                     f"{m['ended_with_eos_policy']:.3f} / {m['ended_with_eos_sft']:.3f}"))
+    if "proxy_judge_correlation" in m:
+        rows.append(("proxy-judge correlation (Pearson)", f"{m['proxy_judge_correlation']:.3f}"))
+    if "ppl_policy" in m:
+        rows.append(("perplexity PPO / SFT (pretraining text)", f"{m['ppl_policy']:.3f} / {m['ppl_sft']:.3f}"))
+    if "ppl_policy_heldout" in m:
+        rows.append(("perplexity PPO / SFT (held-out demonstrations)",
+                     f"{m['ppl_policy_heldout']:.3f} / {m['ppl_sft_heldout']:.3f}"))
+    text = f"**{m['headline']}**\n\n" if m.get("headline") else ""
+    text += "| metric | value |\n|---|---|\n" + "".join(f"| {name} | {value} |\n" for name, value in rows) + "\n"
+    if m.get("judge_verdict"):
+        text += f"{m['judge_verdict']}\n\n"
     return text + f"Report: artifact `report.html` of {link}; local copy `{report}`"
 
 

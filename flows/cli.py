@@ -177,12 +177,16 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     for stage, entry in summary["stages"].items():
         metrics = entry.get("metrics", {})
         figures = []
-        for key in STAGE[stage].figures if stage in STAGE else ():
+        keys = STAGE[stage].figures if stage in STAGE else ()
+        for key in keys:
             value = metrics.get(key)
+            if key.endswith("_ci") and key[:-3] in keys and isinstance(metrics.get(key[:-3]), (int, float)):
+                continue  # shown beside its figure
+            ci = metrics.get(f"{key}_ci") if f"{key}_ci" in keys else None
             if isinstance(value, list):
                 figures.append(f"{key}=[{value[0]:.3f}, {value[1]:.3f}]")
             elif isinstance(value, (int, float)):
-                figures.append(f"{key}={value:.4g}")
+                figures.append(f"{key}={value:.4g}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if isinstance(ci, list) else ""))
         if "wall_s" in metrics:
             figures.append(f"{metrics['wall_s']:.0f}s")
         status = entry["status"] + (f" (run {entry['mlflow_run_id'][:8]})" if entry["status"] == "reused" else "")
@@ -191,7 +195,10 @@ def _print_summary(console, summary: dict, out: Path, wall: float) -> None:
     for batch in summary["data"].get("labeling_batches") or []:
         console.print(f"labeling batch {batch['batch_id']} in the data: {batch['rows']} ranked comparisons "
                       f"(policy {batch['policy_version']})", highlight=False)
-    verdict = summary["stages"].get("evaluate", {}).get("metrics", {}).get("judge_verdict")
+    evaluation = summary["stages"].get("evaluate", {}).get("metrics", {})
+    if evaluation.get("headline"):
+        _say(console, evaluation["headline"], lead="result: ")
+    verdict = evaluation.get("judge_verdict")
     if verdict:
         _say(console, f"judge: {verdict}")
     for model in summary.get("registered_models", []):

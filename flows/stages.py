@@ -25,8 +25,8 @@ class Stage:
         sections: the configuration sections its function reads, in the order of its leading parameters.
         upstream: the stages whose outputs it consumes; their cache keys are part of its own.
         entry: ``module:function`` of the plain stage function in ``rlhf_pipeline.tasks``.
-        figures: the metrics shown in ``rlhf run``'s table (and, the numeric ones, logged on the parent run as
-            ``<stage>.<metric>``).
+        figures: the metrics shown in ``rlhf run``'s table (``<metric>_ci`` beside ``<metric>`` when both are
+            named) and, the numeric ones, logged on the parent run as ``<stage>.<metric>``.
         cached: whether a finished run with the same key is reused (the data gate is DVC's to cache).
     """
 
@@ -58,7 +58,9 @@ STAGES: tuple[Stage, ...] = (
           ("mean_reward_first", "mean_reward", "kl")),
     # evaluate reads ppo.ptx_source (the held-out text of the alignment tax)
     Stage("evaluate", ("evaluate", "model", "ppo"), ("sft", "reward", "ppo"), "rlhf_pipeline.tasks.evaluate:run_evaluate",
-          ("win_rate_vs_sft", "win_rate_vs_sft_ci", "win_rate_vs_sft_judge", "win_rate_vs_sft_judge_ci",
-           "mean_reward_policy", "mean_reward_sft", "kl_to_sft", "ppl_sft", "ppl_policy")),
+          ("win_rate_vs_sft", "win_rate_vs_sft_ci", "win_rate_vs_sft_length_controlled",
+           "win_rate_vs_sft_length_controlled_ci", "win_rate_vs_sft_judge", "win_rate_vs_sft_judge_ci",
+           "mean_reward_policy", "mean_reward_sft", "kl_to_sft", "ended_with_eos_policy", "ppl_sft", "ppl_policy",
+           "ppl_sft_heldout", "ppl_policy_heldout", "proxy_judge_correlation")),
 )
 STAGE: dict[str, Stage] = {stage.name: stage for stage in STAGES}

@@ -39,6 +39,12 @@ class Rollout:
     logprobs: torch.Tensor | None = None
 
     @property
+    def sequence_response_mask(self) -> torch.Tensor:
+        """``[B, P + R]``: ``response_mask`` at the width of ``input_ids`` (0 on the query), what a reward model with
+        mean pooling averages over."""
+        return torch.nn.functional.pad(self.response_mask, (self.query_length, 0))
+
+    @property
     def responses(self) -> torch.Tensor:
         """``[B, R]`` response ids (pad after EOS)."""
         return self.input_ids[:, self.query_length :]

@@ -62,11 +62,12 @@ def response_ids(tokenizer, response: str, max_tokens: int | None = None) -> lis
     return list(ids) + [closing_token_id(tokenizer)]
 
 
-def encode_pair(tokenizer, messages: list[dict], response: str, max_length: int) -> list[int]:
-    """Prompt + response ids within ``max_length``: the response keeps up to half the budget, the prompt the rest."""
+def encode_pair(tokenizer, messages: list[dict], response: str, max_length: int, split: bool = False):
+    """Prompt + response ids within ``max_length``: the response keeps up to half the budget, the prompt (cut from the
+    left) the rest. With ``split`` the two id lists are returned apart, ``(prompt, response)``."""
     resp = response_ids(tokenizer, response, max_tokens=max(2, max_length // 2))
     prompt = chat_prompt_ids(tokenizer, messages, max_tokens=max_length - len(resp))
-    return prompt + resp
+    return (prompt, resp) if split else prompt + resp
 
 
 def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

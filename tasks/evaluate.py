@@ -1,9 +1,12 @@
 """Stage 4: does the PPO policy beat the SFT policy? (InstructGPT §4: win rate against a baseline on held-out prompts.)
 
 On held-out (test) prompts both policies sample one response each with the same settings; the reward model scores
-them. Reported: the win rate of PPO over SFT under the RM (ties count half) with a 95% Wilson interval, mean rewards,
-the KL of the PPO policy to SFT on its own samples (mean summed per-token ``log π − log π_sft``, nats), mean response
-lengths, and a table of samples.
+them. Reported: the win rate of PPO over SFT under the RM (ties count half) with a 95% Wilson interval, the same win
+rate with the length effect regressed out (:func:`~rlhf_pipeline.tasks.statistics.length_controlled_win_rate`), mean
+rewards, the KL of the PPO policy to SFT on its own samples (mean summed per-token ``log π − log π_sft``, nats), mean
+response lengths and the fraction of responses that ended with an end token, the correlation of the training RM with
+the judge, the perplexity of both policies on held-out pretraining text and on held-out demonstrations (the alignment
+tax), a length-hack flag, one headline sentence (:func:`headline`) and a table of samples.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from rlhf_pipeline.tasks.ppo import PPOConfig, pretraining_texts
 from rlhf_pipeline.tasks.progress import progress
 from rlhf_pipeline.tasks.report import plot_ppo_curves, write_html_report
 from rlhf_pipeline.tasks.stage import MetricLogger, ModelConfig, Section, StageDir, StageResult, no_log
-from rlhf_pipeline.tasks.statistics import win_rate
+from rlhf_pipeline.tasks.statistics import length_controlled_win_rate, pearson, win_rate
 
 
 class EvaluateConfig(Section):
@@ -42,7 +45,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(8, ge=1)
     temperature: float = Field(1.0, gt=0)  # the PPO sampling temperature, so kl_to_sft is the KL the penalty controls
     top_p: float = Field(1.0, gt=0, le=1)
-    ppl_texts: int = Field(32, ge=1)  # held-out pretraining texts (ppo.ptx_source, test split) for the alignment tax
+    ppl_texts: int = Field(32, ge=1)  # held-out texts per perplexity (ptx_source and demonstrations, test split)
     ppl_max_tokens: int = Field(128, ge=2)
 
     @model_validator(mode="after")
@@ -89,6 +92,114 @@ def _judge_verdict(informative: bool, over: bool, accuracy_ci, baseline) -> str:
     return "The judge beats the baseline; its win rate is an independent check of the training RM's."
 
 
+LENGTH_HACK_MIN_EOS = 0.9  # fewer of the policy's responses than this ending with an end token: a length hack
+LENGTH_HACK_MAX_RATIO = 1.3  # the policy's mean length above this many times SFT's: a length hack
+
+
+def length_hack(metrics: dict) -> bool:
+    """Whether the training RM's win comes from length rather than quality: the raw win rate's 95% interval lies above
+    0.5 (``win_rate_vs_sft_ci``) but the length-controlled interval's lower end is ≤ 0.5
+    (``win_rate_vs_sft_length_controlled_ci``), or fewer than 90% of the policy's responses ended with an end token
+    (``ended_with_eos_policy``), or the policy's mean length (tokens) is more than 1.3× SFT's
+    (``response_length_policy``, ``response_length_sft``). A missing figure does not count as evidence.
+
+    Args:
+        metrics: the evaluation's metrics (see :func:`run_evaluate`).
+    """
+    if not metrics["win_rate_vs_sft_ci"][0] > 0.5:
+        return False
+    controlled = metrics.get("win_rate_vs_sft_length_controlled_ci")
+    eos = metrics.get("ended_with_eos_policy")
+    length_policy, length_sft = metrics.get("response_length_policy"), metrics.get("response_length_sft")
+    return bool((controlled is not None and controlled[0] <= 0.5)
+                or (eos is not None and eos < LENGTH_HACK_MIN_EOS)
+                or (length_policy is not None and length_sft is not None
+                    and length_policy > LENGTH_HACK_MAX_RATIO * length_sft))
+
+
+def _rate(metrics: dict, key: str) -> str:
+    low, high = metrics[f"{key}_ci"]
+    return f"{metrics[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _nats(kl: float) -> str:
+    return f"{kl:.1f}" if abs(kl) >= 1 else f"{kl:.2f}"
+
+
+def headline(metrics: dict) -> str:
+    """One sentence a user can act on: did PPO beat SFT, and if not, why.
+
+    The lead figure is the judge's win rate when the judge is informative (``judge_informative``), else the training
+    RM's. "PPO beats SFT" only when the lead interval's lower end is above 0.5, there is no length hack
+    (:func:`length_hack`) and no over-optimisation flag. A length hack says the win comes from length and gives the
+    policy's end-token fraction, both mean lengths and the length-controlled win rate; over-optimisation says the
+    judge disagrees with the training RM; otherwise "No measurable gain over SFT" with the reasons: the lead interval
+    (it includes 0.5 or lies below it), a KL to SFT under 1 nat (the policy barely moved), a judge that carries no
+    information.
+
+    Args:
+        metrics: the evaluation's metrics (see :func:`run_evaluate`): win rates with their ``_ci``, ``kl_to_sft``
+            (nats), ``num_prompts``, lengths (tokens), ``ended_with_eos_policy`` and, with a judge, its win rate,
+            ``judge_informative`` and ``over_optimisation``.
+    """
+    m = metrics
+    has_judge = "win_rate_vs_sft_judge" in m
+    informative = has_judge and bool(m.get("judge_informative"))
+    hack = bool(m["length_hack"]) if "length_hack" in m else length_hack(m)
+    over = bool(m.get("over_optimisation"))
+    kl = m.get("kl_to_sft")
+    kl_known = isinstance(kl, (int, float)) and math.isfinite(kl)
+    lead_key, lead_name = (("win_rate_vs_sft_judge", "the judge") if informative else
+                           ("win_rate_vs_sft", "the training RM"))
+    no_judge = ("the judge carries no information" if has_judge and not informative else
+                "" if has_judge else "no judge to check it")
+    prompts = f"{int(m['num_prompts'])} held-out prompts" if "num_prompts" in m else "held-out prompts"
+    at_kl = f"at {_nats(kl)} nats of KL" if kl_known else "at an unknown KL"
+    if hack:
+        parts = [f"{100 * m['ended_with_eos_policy']:.0f}% of its responses end with an end token"
+                 if "ended_with_eos_policy" in m else "",
+                 f"mean length {m['response_length_policy']:.1f} tokens vs {m['response_length_sft']:.1f} for SFT"
+                 if "response_length_policy" in m and "response_length_sft" in m else "",
+                 f"length-controlled win rate {_rate(m, 'win_rate_vs_sft_length_controlled')}"
+                 if "win_rate_vs_sft_length_controlled" in m else ""]
+        text = (f"PPO's win under the training RM ({_rate(m, 'win_rate_vs_sft')}) comes from length, not quality: "
+                + ", ".join(p for p in parts if p))
+        if over:
+            text += "; the judge prefers SFT (over-optimisation)"
+        return text + "."
+    if over:
+        judge = f" ({_rate(m, 'win_rate_vs_sft_judge')})" if has_judge else ""
+        caveat = f", though {no_judge}" if no_judge else ""
+        return (f"Over-optimisation: the training RM prefers PPO ({_rate(m, 'win_rate_vs_sft')}) but the judge prefers "
+                f"SFT{judge} {at_kl}{caveat}: raise the KL penalty or train for fewer steps.")
+    low, high = m[f"{lead_key}_ci"]
+    if low > 0.5:
+        if informative:
+            return (f"PPO beats SFT: win rate {_rate(m, lead_key)} under the judge, {_rate(m, 'win_rate_vs_sft')} "
+                    f"under the training RM, {at_kl} on {prompts}.")
+        return (f"PPO beats SFT: win rate {_rate(m, lead_key)} under the training RM, {at_kl} on {prompts} "
+                f"({no_judge}).")
+    where = "lies below 0.5 (SFT is better)" if high < 0.5 else "includes 0.5"
+    reasons = [f"the win rate under {lead_name}, {_rate(m, lead_key)} on {prompts}, {where}"]
+    if informative:
+        reasons[0] += f", while the training RM gives {_rate(m, 'win_rate_vs_sft')}"
+    if kl_known and kl < 1:
+        reasons.append(f"the policy barely moved (KL {_nats(kl)} nats): train longer or with a larger learning rate")
+    if has_judge and not informative:
+        reasons.append(no_judge)
+    return "No measurable gain over SFT: " + "; ".join(reasons) + "."
+
+
+def heldout_dialogues(prepared_dir: str | Path, tokenizer, limit: int) -> list[str]:
+    """The first ``limit`` test-split demonstrations (which neither SFT nor PPO-ptx trains on), each rendered with the
+    tokenizer's chat template as the full dialogue: the prompt messages, then the demonstration as the assistant's
+    turn. Empty when there are none."""
+    frame = load_prepared(prepared_dir, "demonstrations", split="test").head(limit)
+    return [tokenizer.apply_chat_template([*list(row.prompt), {"role": "assistant", "content": row.response}],
+                                          tokenize=False)
+            for row in frame.itertuples()]
+
+
 def held_out_queries(cfg: EvaluateConfig, seed: int, prepared_dir: str | Path, tokenizer):
     """The evaluation prompts: ``evaluate.num_prompts`` test-split prompts drawn with the model seed (the same prompts
     for every run on the same data version), as ``(rows, messages, queries)`` where ``queries`` are chat-template token
@@ -131,7 +242,7 @@ def run_evaluate(
         cfg: the ``evaluate`` section.
         model_cfg: the ``model`` section (seed, device).
         ppo_cfg: the ``ppo`` section (``ptx_source``: the held-out text of the alignment tax).
-        prepared_dir: folder with ``prompts.parquet`` (test prompts are used).
+        prepared_dir: folder with ``prompts.parquet`` and ``demonstrations.parquet`` (their test splits are used).
         sft_model_path, policy_model_path: the two policies compared.
         reward_model_path: the training (proxy) RM.
         output_dir: where the samples, the report and the plot go.
@@ -144,12 +255,24 @@ def run_evaluate(
     Returns:
         StageResult with ``paths.samples`` (JSON lines: prompt, both responses, both rewards), ``paths.report`` (the
         HTML report), ``paths.ppo_curves`` (PNG, when there is a PPO history) and metrics
-        ``win_rate_vs_sft``, ``win_rate_vs_sft_ci``, ``mean_reward_policy``, ``mean_reward_sft``, ``kl_to_sft``,
-        ``response_length_policy``, ``response_length_sft``, ``num_prompts``, ``ppl_sft``, ``ppl_policy`` and
-        ``alignment_tax_ppl`` (perplexity on held-out pretraining text, see :func:`perplexity`), with a judge
-        ``win_rate_vs_sft_judge``, ``win_rate_vs_sft_judge_ci``, ``mean_judge_reward_policy``,
-        ``mean_judge_reward_sft``, ``judge_informative`` (1/0), ``over_optimisation`` (1/0) and ``judge_verdict``
-        (a sentence); ``wall_s``.
+
+        - ``win_rate_vs_sft``, ``win_rate_vs_sft_ci`` (training RM; ties half, 95% Wilson interval);
+        - ``win_rate_vs_sft_length_controlled`` (+ ``_ci``): the same on scores with ``reward_per_token · length``
+          removed, ``reward_per_token`` (RM units per token) fitted over all 2N samples
+          (:func:`~rlhf_pipeline.tasks.statistics.length_controlled_win_rate`);
+        - ``mean_reward_policy``, ``mean_reward_sft`` (RM units), ``kl_to_sft`` (nats per response);
+        - ``response_length_policy``, ``response_length_sft`` (mean tokens, end token included),
+          ``ended_with_eos_policy``, ``ended_with_eos_sft`` (fraction of responses that ended with an end token
+          rather than at ``max_new_tokens``), ``num_prompts``, ``workers``;
+        - ``ppl_sft``, ``ppl_policy``, ``alignment_tax_ppl`` (policy − SFT; perplexity on ``ppo.ptx_source``'s test
+          split, see :func:`perplexity`) when there is such text, and ``ppl_sft_heldout``, ``ppl_policy_heldout``,
+          ``alignment_tax_ppl_heldout`` on the test-split demonstrations (:func:`heldout_dialogues`, which PPO-ptx
+          never trains on) when there are any;
+        - with a judge: ``win_rate_vs_sft_judge`` (+ ``_ci``), ``win_rate_vs_sft_judge_length_controlled``
+          (+ ``_ci``), ``mean_judge_reward_policy``, ``mean_judge_reward_sft``, ``proxy_judge_correlation`` (Pearson
+          correlation of the two RMs' scores over all 2N samples; nan when either is constant),
+          ``judge_informative`` (1/0), ``over_optimisation`` (1/0) and ``judge_verdict`` (a sentence);
+        - ``length_hack`` (1/0, :func:`length_hack`), ``headline`` (a sentence, :func:`headline`) and ``wall_s``.
 
     Raises:
         ValueError: when there are no test prompts or the models do not share a tokenizer.
@@ -189,9 +312,10 @@ def run_evaluate(
                 with distributed.gathered(model), engine.autocast():
                     rollout = sample_responses(model, tokenizer, [queries[i] for i in batch], cfg.max_new_tokens,
                                                cfg.temperature, 0, cfg.top_p)
+                scored = (rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask)
                 with engine.autocast():
-                    scores = reward_model.score(rollout.input_ids, rollout.attention_mask).cpu()
-                    judged = (judge.score(rollout.input_ids, rollout.attention_mask).cpu() if judge is not None
+                    scores = reward_model.score(*scored).cpu()
+                    judged = (judge.score(*scored).cpu() if judge is not None
                               else torch.full_like(scores, float("nan")))
                     mask = rollout.response_mask.float()
                     kl = torch.full_like(scores, float("nan"))
@@ -201,8 +325,10 @@ def run_evaluate(
                         lp_sft, _ = response_logprobs(sft, *args)
                         kl = ((lp_policy - lp_sft) * mask).sum(1).cpu()
                 texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+                ended = rollout.ended.cpu()
                 for j, i in enumerate(idx):
-                    found[name][i] = (float(scores[j]), float(judged[j]), float(mask[j].sum()), texts[j], float(kl[j]))
+                    found[name][i] = (float(scores[j]), float(judged[j]), float(mask[j].sum()), texts[j], float(kl[j]),
+                                      bool(ended[j]))
                 advance(1)
     results = {}
     for name in found:
@@ -212,29 +338,40 @@ def run_evaluate(
         rows = [merged_rows[i] for i in range(len(queries))]
         results[name] = {"scores": torch.tensor([r[0] for r in rows]), "judge": torch.tensor([r[1] for r in rows]),
                          "lengths": torch.tensor([r[2] for r in rows]), "texts": [r[3] for r in rows],
-                         "kl": torch.tensor([r[4] for r in rows])}
+                         "kl": torch.tensor([r[4] for r in rows]), "ended": torch.tensor([r[5] for r in rows])}
 
     s_sft, s_pol = results["sft"]["scores"], results["policy"]["scores"]
+    len_sft, len_pol = results["sft"]["lengths"], results["policy"]["lengths"]
     rate, (low, high) = win_rate(s_pol, s_sft)
+    lc_rate, (lc_low, lc_high), per_token = length_controlled_win_rate(s_pol, s_sft, len_pol, len_sft)
     metrics = {
         "win_rate_vs_sft": rate,
         "win_rate_vs_sft_ci": [low, high],
+        "win_rate_vs_sft_length_controlled": lc_rate,
+        "win_rate_vs_sft_length_controlled_ci": [lc_low, lc_high],
+        "reward_per_token": per_token,
         "mean_reward_policy": float(s_pol.mean()),
         "mean_reward_sft": float(s_sft.mean()),
         "kl_to_sft": float(results["policy"]["kl"].mean()),
-        "response_length_policy": float(results["policy"]["lengths"].mean()),
-        "response_length_sft": float(results["sft"]["lengths"].mean()),
+        "response_length_policy": float(len_pol.mean()),
+        "response_length_sft": float(len_sft.mean()),
+        "ended_with_eos_policy": float(results["policy"]["ended"].float().mean()),
+        "ended_with_eos_sft": float(results["sft"]["ended"].float().mean()),
         "num_prompts": float(len(queries)),
         "workers": float(engine.world.size),
     }
     if judge is not None:
         j_sft, j_pol = results["sft"]["judge"], results["policy"]["judge"]
         j_rate, (j_low, j_high) = win_rate(j_pol, j_sft)
+        j_lc_rate, (j_lc_low, j_lc_high), _ = length_controlled_win_rate(j_pol, j_sft, len_pol, len_sft)
         informative = bool(judge_accuracy_ci and shorter_baseline is not None and judge_accuracy_ci[0] > shorter_baseline)
         over = bool(metrics["mean_reward_policy"] > metrics["mean_reward_sft"] and float(j_pol.mean()) < float(j_sft.mean()))
         metrics.update(
             win_rate_vs_sft_judge=j_rate,
             win_rate_vs_sft_judge_ci=[j_low, j_high],
+            win_rate_vs_sft_judge_length_controlled=j_lc_rate,
+            win_rate_vs_sft_judge_length_controlled_ci=[j_lc_low, j_lc_high],
+            proxy_judge_correlation=pearson(torch.cat([s_sft, s_pol]), torch.cat([j_sft, j_pol])),
             mean_judge_reward_policy=float(j_pol.mean()),
             mean_judge_reward_sft=float(j_sft.mean()),
             judge_informative=float(informative),
@@ -246,6 +383,14 @@ def run_evaluate(
         ppl_sft = perplexity(sft, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size, engine)
         ppl_policy = perplexity(policy, tokenizer, texts, cfg.ppl_max_tokens, cfg.batch_size, engine)
         metrics.update(ppl_sft=ppl_sft, ppl_policy=ppl_policy, alignment_tax_ppl=ppl_policy - ppl_sft)
+    dialogues = heldout_dialogues(prepared_dir, tokenizer, cfg.ppl_texts)
+    if dialogues:
+        ppl_sft = perplexity(sft, tokenizer, dialogues, cfg.ppl_max_tokens, cfg.batch_size, engine)
+        ppl_policy = perplexity(policy, tokenizer, dialogues, cfg.ppl_max_tokens, cfg.batch_size, engine)
+        metrics.update(ppl_sft_heldout=ppl_sft, ppl_policy_heldout=ppl_policy,
+                       alignment_tax_ppl_heldout=ppl_policy - ppl_sft)
+    metrics["length_hack"] = float(length_hack(metrics))
+    metrics["headline"] = headline(metrics)
     layout = StageDir(output_dir)
     samples = [{
         "id": row.id,

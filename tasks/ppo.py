@@ -159,7 +159,7 @@ def score_rollout(
         else:
             ref_logprobs, _ = response_logprobs(reference, ids, attn, p, cfg.temperature)
         values = value_model.values(ids, attn)[:, p - 1 : -1]
-        scores = reward_model.score(ids, attn)
+        scores = reward_model.score(ids, attn, rollout.sequence_response_mask)
     penalised = scores.clone()
     if cfg.missing_eos_penalty is not None:
         penalised = torch.where(rollout.ended, scores, torch.full_like(scores, cfg.missing_eos_penalty))

@@ -142,7 +142,8 @@ def win_rate_vs_champion(
                 with engine.autocast():
                     rollout = sample_responses(policy, tokenizer, [queries[i] for i in idx], cfg.max_new_tokens,
                                                cfg.temperature, 0, cfg.top_p)
-                    chunks.append(judge.score(rollout.input_ids, rollout.attention_mask).float().cpu())
+                    chunks.append(judge.score(rollout.input_ids, rollout.attention_mask,
+                                              rollout.sequence_response_mask).float().cpu())
                 advance(1)
             scores[name] = torch.cat(chunks)
             del policy

@@ -1,4 +1,5 @@
-"""Plots for people who would rather look than read: PPO's curves over steps."""
+"""Plots for people who would rather look than read: PPO's curves over steps, the win rates (raw and
+length-controlled), and the self-contained HTML report that opens with the evaluation's headline sentence."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def plot_ppo_curves(history: list[dict[str, float]], path: str | Path) -> Path:
 
 
 def plot_win_rates(rows: list[tuple[str, float, float, float]], path: str | Path) -> Path:
-    """Horizontal bars of win rates with their 95% intervals; ``rows`` are ``(label, rate, low, high)``."""
+    """Horizontal bars of win rates with their 95% intervals; ``rows`` are ``(label, rate, low, high)`` (a label
+    containing "length-controlled" gets a lighter bar)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,7 +59,9 @@ def plot_win_rates(rows: list[tuple[str, float, float, float]], path: str | Path
     labels = [r[0] for r in rows]
     rates = [r[1] for r in rows]
     errors = [[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]
-    ax.barh(labels, rates, xerr=errors, capsize=4, color="#4c72b0")
+    colors = ["#a1b5d8" if "length-controlled" in label else "#4c72b0" for label in labels]
+    ax.barh(labels, rates, xerr=errors, capsize=4, color=colors)
+    ax.invert_yaxis()  # the first row on top
     ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate (95% interval); 0.5 = no better than SFT")
@@ -80,8 +84,10 @@ def write_html_report(
     samples: list[dict],
     title: str = "RLHF evaluation report",
 ) -> Path:
-    """A self-contained HTML report: headline figures per stage, PPO curves (reward, KL, length...), win rates with
-    intervals, and the sample table (prompt, SFT and PPO responses with their rewards).
+    """A self-contained HTML report: the evaluation's headline sentence (``metrics["evaluate"]["headline"]``, when
+    present) in a prominent paragraph under the title, headline figures per stage, PPO curves (reward, KL, length...),
+    win rates with intervals (raw and length-controlled, training RM and judge), and the sample table (prompt, SFT and
+    PPO responses with their rewards).
 
     Args:
         path: the HTML file to write (PNG plots are embedded, so the file stands alone as an MLflow artifact).
@@ -97,7 +103,11 @@ def write_html_report(
     parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}"
-             "th{background:#f3f3f3}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+             "th{background:#f3f3f3} .headline{font-size:1.3em;font-weight:bold;padding:0.6em 0.8em;"
+             "background:#f5f7fb;border-left:4px solid #4c72b0}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    evaluation = metrics.get("evaluate", {})
+    if evaluation.get("headline"):
+        parts.append(f"<p class='headline'>{html.escape(str(evaluation['headline']))}</p>")
     parts.append("<h2>Figures</h2><table><tr><th>stage</th><th>metric</th><th>value</th></tr>")
     for stage, values in metrics.items():
         for key, value in values.items():
@@ -108,10 +118,11 @@ def write_html_report(
     with tempfile.TemporaryDirectory() as tmp:
         if history:
             parts.append("<h2>PPO over steps</h2>" + _img(plot_ppo_curves(history, Path(tmp) / "ppo.png")))
-        evaluation = metrics.get("evaluate", {})
         rows = []
         for key, label in (("win_rate_vs_sft", "PPO vs SFT (training RM)"),
-                           ("win_rate_vs_sft_judge", "PPO vs SFT (judge RM)")):
+                           ("win_rate_vs_sft_length_controlled", "PPO vs SFT (training RM, length-controlled)"),
+                           ("win_rate_vs_sft_judge", "PPO vs SFT (judge RM)"),
+                           ("win_rate_vs_sft_judge_length_controlled", "PPO vs SFT (judge RM, length-controlled)")):
             if key in evaluation and f"{key}_ci" in evaluation:
                 low, high = evaluation[f"{key}_ci"]
                 rows.append((label, evaluation[key], low, high))

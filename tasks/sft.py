@@ -251,7 +251,8 @@ def mean_reward_of_greedy_responses(model, tokenizer, reward_model, prompts: lis
             with engine.autocast():
                 rollout = sample_responses(model, tokenizer, [queries[i] for i in positions or [0]], max_new_tokens,
                                            do_sample=False)
-                scores = reward_model.score(rollout.input_ids, rollout.attention_mask)  # collective when sharded
+                scores = reward_model.score(rollout.input_ids, rollout.attention_mask,
+                                            rollout.sequence_response_mask)  # collective when sharded
             if positions:
                 total += scores.double().sum().cpu()
     model.train(was_training)

@@ -97,6 +97,13 @@ def test_smoke_flow_real_prefect_mlflow_dvc(tmp_path, prefect_server, first_smok
         assert isinstance(evaluate[key], float), key
     assert 0.0 <= evaluate["win_rate_vs_sft"] <= 1.0
     assert evaluate["ppl_sft"] > 1.0 and evaluate["ppl_policy"] > 1.0
+    assert evaluate["ppl_sft_heldout"] > 1.0 and evaluate["ppl_policy_heldout"] > 1.0
+    for key in ("ended_with_eos_policy", "ended_with_eos_sft"):
+        assert 0.0 <= evaluate[key] <= 1.0, key
+    low, high = evaluate["win_rate_vs_sft_length_controlled_ci"]
+    assert low <= evaluate["win_rate_vs_sft_length_controlled"] <= high
+    assert isinstance(evaluate["reward_per_token"], float) and "proxy_judge_correlation" in evaluate
+    assert evaluate["length_hack"] in (0.0, 1.0) and isinstance(evaluate["headline"], str) and evaluate["headline"]
     low, high = evaluate["win_rate_vs_sft_judge_ci"]
     assert low <= evaluate["win_rate_vs_sft_judge"] <= high
     # a random tiny judge cannot beat the shorter-reply baseline with certainty: the verdict must say so

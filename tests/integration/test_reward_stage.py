@@ -35,6 +35,13 @@ def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tin
     scores = score_texts(rm, load_tokenizer(result.paths["model"]), [list(p) for p in demos.prompt],
                          list(demos.response), config.reward.max_length)
     assert scores.mean().item() == pytest.approx(0.0, abs=1e-3)
-    # the judge is a different model (trained on the validation split)
-    judge = ScalarHeadModel.from_pretrained(result.paths["judge"], torch.device("cpu"))
+    # the judge is a different model (trained on the validation split) reading other features: the RM averages the
+    # response after round(0.67 * 2) = 1 block, the judge reads the last token after max(1, round(0.4 * 2)) = 1
+    # block; both are saved so that they load that way, and the judge is normalised too
+    judge = ScalarHeadModel.from_pretrained(result.paths["judge"], torch.device("cpu")).eval()
     assert not torch.equal(judge.head.weight, rm.head.weight)
+    assert (rm.pooling, len(rm.backbone.layers)) == ("mean", 1)
+    assert (judge.pooling, len(judge.backbone.layers)) == ("last", 1)
+    judge_scores = score_texts(judge, load_tokenizer(result.paths["judge"]), [list(p) for p in demos.prompt],
+                               list(demos.response), config.reward.max_length)
+    assert judge_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
