@@ -5,11 +5,11 @@ The reward model is the SFT model with its LM head replaced by a linear head to 
 attention mask so it is right under left or right padding and when the pad token equals the EOS token. The value model
 is the same class initialised from the reward model, read at every token.
 
-Two variations make a judge that does not read the training RM's features (:mod:`rlhf_pipeline.tasks.reward`): a
-backbone cut to its first ``num_layers`` blocks (the final norm kept; the saved config says how many), and ``mean``
-pooling, where the head reads the mean of the final hidden states over the response's tokens instead of the last
-token's (stored in ``config.json`` as ``rlhf_pooling``). A ``mean`` model needs to know where the response is: its
-callers pass ``response_mask``.
+Two variations change what the head reads (the head-mode RM and its judge use them, see
+:mod:`rlhf_pipeline.tasks.reward`, so that the judge does not read the RM's features): a backbone cut to its first
+``num_layers`` blocks (the final norm kept; the saved config says how many), and ``mean`` pooling, where the head reads
+the mean of the final hidden states over the response's tokens instead of the last token's (stored in ``config.json``
+as ``rlhf_pooling``). A ``mean`` model needs to know where the response is: its callers pass ``response_mask``.
 
 Saved folders are transformers ``*ForSequenceClassification`` checkpoints (``num_labels=1``, safetensors), loadable
 with ``AutoModelForSequenceClassification``; the normalisation bias is stored in ``config.json`` as ``rlhf_reward_bias``.
