@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_pipeline.models.tokens import encode_pair, last_token_index, pad_sequences, position_ids_from_mask
+from rlhf_pipeline.models.tokens import encode_pair, last_token_index, pad_pairs, position_ids_from_mask
 
 
 def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str,
@@ -212,22 +212,17 @@ def score_texts(
     here = engine.world if engine is not None else distributed.World()
     device = next(model.parameters()).device
     parts = [encode_pair(tokenizer, p, r, max_length, split=True) for p, r in zip(prompts, responses)]
-    seqs = [prompt + response for prompt, response in parts]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    order = sorted(range(len(parts)), key=lambda i: len(parts[i][0]) + len(parts[i][1]))
     done: list[tuple[list[int], torch.Tensor]] = []
     for positions in distributed.batches(len(order), batch_size, here):
         idx = [order[p] for p in positions] or order[:1]  # an empty batch: a stand-in forward, dropped
-        ids, mask = pad_sequences([seqs[i] for i in idx], tokenizer.pad_token_id, side="right")
-        response_mask = mask.clone()
-        for row, i in enumerate(idx):
-            response_mask[row, : len(parts[i][0])] = 0
-        ids, mask, response_mask = ids.to(device), mask.to(device), response_mask.to(device)
+        ids, mask, response_mask = (t.to(device) for t in pad_pairs([parts[i] for i in idx], tokenizer.pad_token_id))
         with engine.autocast() if engine is not None else contextlib.nullcontext():
             values = (model(ids, mask, "views", views, response_mask) if views else
                       model(ids, mask, "features" if features else "score", response_mask=response_mask))
         if positions:
             done.append((idx, values.float().cpu()))
-    out: list[torch.Tensor | None] = [None] * len(seqs)
+    out: list[torch.Tensor | None] = [None] * len(parts)
     for part in distributed.gather_objects(done):
         for idx, values in part:
             for j, i in enumerate(idx):

@@ -85,6 +85,18 @@ def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> tu
     return ids, mask
 
 
+def pad_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad ``(prompt ids, response ids)`` pairs (:func:`encode_pair` with ``split``) to ``[B, T]``
+    ``input_ids``, ``attention_mask`` and ``response_mask`` (1 on the response's tokens: what a mean-pooled reward model
+    averages over)."""
+    ids, mask = pad_sequences([prompt + response for prompt, response in pairs], pad_id, side="right")
+    response_mask = mask.clone()
+    for row, (prompt, _) in enumerate(pairs):
+        response_mask[row, : len(prompt)] = 0
+    return ids, mask, response_mask
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B]`` index of the last position whose mask is 1 (works for left and right padding)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

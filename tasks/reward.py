@@ -47,7 +47,7 @@ from rlhf_pipeline.models.loading import load_tokenizer, resolve_device
 from rlhf_pipeline.models.lora import add_lora
 from rlhf_pipeline.models.losses import ranking_accuracy, ranking_loss
 from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
-from rlhf_pipeline.models.tokens import encode_pair, pad_sequences
+from rlhf_pipeline.models.tokens import encode_pair, pad_pairs
 from rlhf_pipeline.tasks.checkpoints import (
     latest_step,
     load_step,
@@ -199,6 +199,13 @@ def kept_layers(blocks: int, depth: float) -> int:
     return max(1, min(blocks, round(depth * blocks)))
 
 
+def head_view(cfg: RewardConfig, blocks: int, judge: bool = False) -> tuple[int, str]:
+    """What the RM's (or with ``judge`` the judge's) head reads of a backbone with ``blocks`` blocks:
+    ``(blocks kept, pooling)`` from ``reward.depth`` and ``reward.pooling`` (``reward.judge_*``)."""
+    return (kept_layers(blocks, cfg.judge_depth if judge else cfg.depth),
+            cfg.judge_pooling if judge else cfg.pooling)
+
+
 def build_reward_model(path: str | Path, cfg: RewardConfig, device: torch.device, judge: bool = False
                        ) -> ScalarHeadModel:
     """The reward model (or with ``judge`` the judge) before training: ``path`` (the SFT model, or a saved RM) cut to
@@ -206,10 +213,8 @@ def build_reward_model(path: str | Path, cfg: RewardConfig, device: torch.device
     reading ``reward.pooling`` (``reward.judge_pooling``), in fp32 (the master weights); in ``top_layers`` mode only the
     top ``reward.top_layers`` blocks, the final norm and the head are trainable; with ``reward.lora.r > 0`` (``full``
     mode) LoRA adapters and the whole head train."""
-    blocks = AutoConfig.from_pretrained(str(path)).num_hidden_layers
-    model = ScalarHeadModel.from_pretrained(path, device, torch.float32,
-                                            num_layers=kept_layers(blocks, cfg.judge_depth if judge else cfg.depth),
-                                            pooling=cfg.judge_pooling if judge else cfg.pooling)
+    num_layers, pooling = head_view(cfg, AutoConfig.from_pretrained(str(path)).num_hidden_layers, judge)
+    model = ScalarHeadModel.from_pretrained(path, device, torch.float32, num_layers=num_layers, pooling=pooling)
     if cfg.mode == "top_layers":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -292,11 +297,7 @@ def _train_finetune(
             for r in mine:
                 resp = list(r.responses) + [r.responses[-1]] * (k - len(r.responses))
                 parts += [encode_pair(tokenizer, list(r.prompt), text, cfg.max_length, split=True) for text in resp]
-            ids, mask = pad_sequences([prompt + response for prompt, response in parts], tokenizer.pad_token_id,
-                                      side="right")
-            response_mask = mask.clone()
-            for row, (prompt, _) in enumerate(parts):
-                response_mask[row, : len(prompt)] = 0
+            ids, mask, response_mask = pad_pairs(parts, tokenizer.pad_token_id)
             with engine.autocast():
                 rewards = model.score(ids.to(device), mask.to(device), response_mask.to(device)).view(len(mine), k)
             num = torch.tensor([len(r.responses) for r in mine], device=device)
@@ -490,10 +491,10 @@ def run_reward(
         # one frozen backbone, as deep as the deeper of the two heads, gives both heads' features (views) of the
         # held-out pairs and the demonstrations in one pass
         blocks = AutoConfig.from_pretrained(str(sft_model_path)).num_hidden_layers
-        views = {"": (kept_layers(blocks, cfg.depth), cfg.pooling)}
+        views = {"": head_view(cfg, blocks)}
         fitted = {"": (train, "RM")}
         if judge_train is not None:
-            views["judge_"] = (kept_layers(blocks, cfg.judge_depth), cfg.judge_pooling)
+            views["judge_"] = head_view(cfg, blocks, judge=True)
             fitted["judge_"] = (judge_train, "judge")
         backbone = engine.prepare(ScalarHeadModel.from_pretrained(
             sft_model_path, device, torch.float32, num_layers=max(n for n, _ in views.values())

@@ -20,13 +20,16 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def win_rate(challenger: torch.Tensor, baseline: torch.Tensor) -> tuple[float, tuple[float, float]]:
+def win_rate(challenger: torch.Tensor, baseline: torch.Tensor, tol: float = 0.0) -> tuple[float, tuple[float, float]]:
     """Fraction of prompts where ``challenger`` scores above ``baseline`` (ties count half), with a 95% Wilson interval.
 
     Args:
         challenger, baseline: ``[N]`` scores on the same prompts.
+        tol: differences of at most this much count as ties (0: only equal scores tie).
     """
-    wins = float((challenger > baseline).sum()) + 0.5 * float((challenger == baseline).sum())
+    diff = challenger - baseline
+    ties = diff.abs() <= tol
+    wins = float((~ties & (diff > 0)).sum()) + 0.5 * float(ties.sum())
     n = int(challenger.numel())
     return wins / max(n, 1), wilson_interval(wins, n)
 
@@ -90,11 +93,6 @@ def length_controlled_win_rate(
     dl = lengths - lengths.mean()
     sll = float((dl * dl).sum())
     slope = float((dl * (scores - scores.mean())).sum()) / sll if sll > 0 else 0.0
-    res_challenger = challenger - slope * challenger_lengths
-    res_baseline = baseline - slope * baseline_lengths
     tol = 1e-6 * float(scores.abs().max()) if scores.numel() else 0.0
-    diff = res_challenger - res_baseline
-    ties = diff.abs() <= tol
-    wins = float((~ties & (diff > 0)).sum()) + 0.5 * float(ties.sum())
-    n = int(diff.numel())
-    return wins / max(n, 1), wilson_interval(wins, n), slope
+    rate, interval = win_rate(challenger - slope * challenger_lengths, baseline - slope * baseline_lengths, tol)
+    return rate, interval, slope
