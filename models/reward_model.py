@@ -198,14 +198,17 @@ def score_texts(
     features: bool = False,
     engine=None,
     views: tuple[tuple[int, str], ...] = (),
+    advance=None,
 ) -> torch.Tensor:
     """Score (prompt, response) pairs with the reward model: ``[N]`` rewards, or ``[N, H]`` features if ``features``,
     or ``[N, V, H]`` features of several ``(num_layers, pooling)`` views from one forward pass each if ``views`` (see
     :meth:`ScalarHeadModel.forward`).
 
-    Sequences are sorted by length and batched to limit padding; the result is in input order. With an ``engine``
+    All the sequences are sorted by token length and batched to limit padding (pass the whole set in one call: the
+    padding is then only the length difference of neighbours); the result is in input order. With an ``engine``
     (:class:`rlhf_pipeline.models.distributed.Engine`) the batches run in its compute precision and are shared out over
-    its workers (every worker gets the whole result).
+    its workers (every worker gets the whole result). ``advance(n)``, if given, is called after each batch with the
+    number of sequences it stands for (a progress bar's callback; with N workers, N times the batch).
     """
     from rlhf_pipeline.models import distributed
 
@@ -222,6 +225,8 @@ def score_texts(
                       model(ids, mask, "features" if features else "score", response_mask=response_mask))
         if positions:
             done.append((idx, values.float().cpu()))
+            if advance is not None:  # each worker runs its share: the worker shown counts for all
+                advance(len(positions) * here.size)
     out: list[torch.Tensor | None] = [None] * len(parts)
     for part in distributed.gather_objects(done):
         for idx, values in part:

@@ -300,18 +300,24 @@ def run_evaluate(
         assert_same_tokenizer(tokenizer, load_tokenizer(judge_model_path), "policy and judge reward model")
         judge = frozen(ScalarHeadModel.from_pretrained(judge_model_path, device, torch.float32))
 
-    # each worker takes whole global batches; batch b samples from a stream seeded by (seed, b), the same for both
-    # policies and whatever the number of workers
-    mine = distributed.batches(len(queries), cfg.batch_size, engine.world)
+    # the prompts are batched in order of length (little left padding); each worker takes whole global batches, and
+    # batch b samples from a stream seeded by (seed, b), the same for both policies and whatever the number of workers
+    by_length = sorted(range(len(queries)), key=lambda i: (len(queries[i]), i))
+    mine = [(positions[0] // cfg.batch_size if positions else None, [by_length[p] for p in positions])
+            for positions in distributed.batches(len(queries), cfg.batch_size, engine.world)]
+    # the policy's own log-probabilities (for the KL) are read from the logits generate computes while sampling, as
+    # in PPO's rollouts, where they are exact (fp32 compute); else a policy forward gives them
+    logprobs_from_generate = engine.dtype == torch.float32
     found: dict[str, dict[int, tuple]] = {"sft": {}, "policy": {}}
     with torch.no_grad(), progress("evaluate", 2 * len(mine)) as advance:
         for name, model in (("sft", sft), ("policy", policy)):
-            for idx in mine:
+            for number, idx in mine:
                 batch = idx or [0]  # a stand-in keeps the workers' forward passes in step
-                torch.manual_seed(step_seed(model_cfg.seed, batch[0] // cfg.batch_size, "evaluate"))
+                torch.manual_seed(step_seed(model_cfg.seed, number or 0, "evaluate"))
                 with distributed.gathered(model), engine.autocast():
                     rollout = sample_responses(model, tokenizer, [queries[i] for i in batch], cfg.max_new_tokens,
-                                               cfg.temperature, 0, cfg.top_p)
+                                               cfg.temperature, 0, cfg.top_p,
+                                               with_logprobs=logprobs_from_generate and name == "policy")
                 scored = (rollout.input_ids, rollout.attention_mask, rollout.sequence_response_mask)
                 with engine.autocast():
                     scores = reward_model.score(*scored).cpu()
@@ -321,7 +327,8 @@ def run_evaluate(
                     kl = torch.full_like(scores, float("nan"))
                     if name == "policy":
                         args = (rollout.input_ids, rollout.attention_mask, rollout.query_length, cfg.temperature)
-                        lp_policy, _ = response_logprobs(policy, *args)
+                        lp_policy = (rollout.logprobs if rollout.logprobs is not None
+                                     else response_logprobs(policy, *args)[0])
                         lp_sft, _ = response_logprobs(sft, *args)
                         kl = ((lp_policy - lp_sft) * mask).sum(1).cpu()
                 texts = tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)

@@ -471,14 +471,10 @@ def run_reward(
 
     def encode(model, prompts, texts, what, features=False, views=()):
         """Features of the frozen backbone (``[N, V, H]`` with ``views``) or scores of a reward model, shared out over
-        the workers."""
-        chunk, out = max(cfg.batch_size * 4, 16) * engine.world.size, []
+        the workers; the whole set in one call, so its batches are sorted by length over all of it."""
         with progress(what, len(texts)) as advance:
-            for i in range(0, len(texts), chunk):
-                out.append(score_texts(model, tokenizer, prompts[i : i + chunk], texts[i : i + chunk], cfg.max_length,
-                                       cfg.batch_size, features=features, engine=engine, views=views))
-                advance(len(texts[i : i + chunk]))
-        return torch.cat(out)
+            return score_texts(model, tokenizer, prompts, texts, cfg.max_length, cfg.batch_size, features=features,
+                               engine=engine, views=views, advance=advance)
 
     def build(device=torch.device("cpu"), judge: bool = False) -> ScalarHeadModel:
         return build_reward_model(sft_model_path, cfg, device, judge)
@@ -489,20 +485,27 @@ def run_reward(
         paths["judge"] = str(layout.judge)
     if cfg.mode == "head":
         # one frozen backbone, as deep as the deeper of the two heads, gives both heads' features (views) of the
-        # held-out pairs and the demonstrations in one pass
+        # held-out pairs and the demonstrations in one pass; each head's own train rows go through a backbone cut at
+        # that head's depth (the same features: block n's output, normalised), no deeper
         blocks = AutoConfig.from_pretrained(str(sft_model_path)).num_hidden_layers
         views = {"": head_view(cfg, blocks)}
         fitted = {"": (train, "RM")}
         if judge_train is not None:
             views["judge_"] = head_view(cfg, blocks, judge=True)
             fitted["judge_"] = (judge_train, "judge")
-        backbone = engine.prepare(ScalarHeadModel.from_pretrained(
-            sft_model_path, device, torch.float32, num_layers=max(n for n, _ in views.values())
-        ).eval().requires_grad_(False))
+
+        def frozen_backbone(num_layers: int) -> ScalarHeadModel:
+            return engine.prepare(ScalarHeadModel.from_pretrained(
+                sft_model_path, device, torch.float32, num_layers=num_layers).eval().requires_grad_(False))
+
+        deepest = max(n for n, _ in views.values())
+        backbone = frozen_backbone(deepest)
         heads: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for prefix, (rows, who) in fitted.items():
-                feats = encode(backbone, *_flat(rows), f"{who} features (train)", views=(views[prefix],))[:, 0]
+                own = backbone if views[prefix][0] == deepest else frozen_backbone(views[prefix][0])
+                feats = encode(own, *_flat(rows), f"{who} features (train)", views=(views[prefix],))[:, 0]
+                del own
                 heads[prefix], fit = _fit_head(feats, rows, cfg, seed)
                 metrics.update(fit if not prefix else {f"judge_{k}": v for k, v in fit.items() if k != "steps"})
             log({"reward/loss": metrics["train_loss"], "reward/accuracy": metrics["train_accuracy"]}, 1)

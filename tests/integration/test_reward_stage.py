@@ -45,3 +45,29 @@ def test_reward_stage_normalises_demonstrations_to_zero(mode, prepared_data, tin
     judge_scores = score_texts(judge, load_tokenizer(result.paths["judge"]), [list(p) for p in demos.prompt],
                                list(demos.response), config.reward.max_length)
     assert judge_scores.mean().item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_head_mode_fits_the_judge_on_the_features_a_deeper_backbone_gives(prepared_data, tiny_model_path, tmp_path):
+    """With ``reward.depth=1.0`` the RM keeps both blocks of the tiny model and the judge one: the judge's train rows
+    go through a one-block backbone of their own, and its head is the head fitted on the deep backbone's view of
+    block 1 (the same features, whichever backbone computes them)."""
+    from rlhf_pipeline.flows.config import load_config
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
+    from rlhf_pipeline.tasks.datasets import load_prepared
+    from rlhf_pipeline.tasks.reward import _fit_head, _flat, _select, run_reward
+
+    config = load_config(PROJECT_ROOT / "params.yaml", "smoke", ["reward.mode=head", "reward.depth=1.0"])
+    cfg, seed = config.reward, config.model.seed
+    result = run_reward(cfg, config.model, prepared_data, tiny_model_path, tmp_path)
+    rm = ScalarHeadModel.from_pretrained(result.paths["model"], torch.device("cpu")).eval()
+    judge = ScalarHeadModel.from_pretrained(result.paths["judge"], torch.device("cpu")).eval()
+    assert (len(rm.backbone.layers), len(judge.backbone.layers)) == (2, 1)
+
+    deep = ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu"), num_layers=2).eval()
+    rows = _select(load_prepared(prepared_data, "comparisons", split=cfg.judge_split), cfg.max_judge_pairs, seed)
+    feats = score_texts(deep, load_tokenizer(tiny_model_path), *_flat(rows), cfg.max_length, cfg.batch_size,
+                        views=((1, "last"),))[:, 0]
+    weight, fit = _fit_head(feats, rows, cfg, seed)
+    torch.testing.assert_close(judge.head.weight.view(-1), weight, atol=1e-4, rtol=1e-3)
+    assert result.metrics["judge_train_loss"] == pytest.approx(fit["train_loss"], abs=1e-4)

@@ -108,3 +108,23 @@ def test_kept_layers_rounds_the_share_of_blocks_and_keeps_one():
 
     assert [kept_layers(30, d) for d in (0.67, 0.4, 0.5, 1.0, 0.01)] == [20, 12, 15, 30, 1]
     assert [kept_layers(2, d) for d in (0.67, 0.4, 1.0)] == [1, 1, 2]
+
+
+def test_score_texts_reports_progress_per_batch_and_keeps_the_input_order(tiny_model_path):
+    """One call over the whole set: batches sorted by length over all of it, ``advance`` told each batch's size, and
+    the scores in input order (each equal to the pair scored alone)."""
+    import torch
+
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel, score_texts
+
+    torch.manual_seed(0)
+    rm = ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu")).eval()
+    tokenizer = load_tokenizer(tiny_model_path)
+    prompts = [[{"role": "user", "content": "hi " * n}] for n in (9, 1, 5, 3, 7)]
+    responses = ["a b c " * n for n in (1, 6, 2, 4, 3)]
+    told: list[int] = []
+    scores = score_texts(rm, tokenizer, prompts, responses, 128, batch_size=2, advance=told.append)
+    assert told == [2, 2, 1]
+    alone = torch.cat([score_texts(rm, tokenizer, [p], [r], 128) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(scores, alone, atol=1e-5, rtol=1e-4)
