@@ -156,7 +156,7 @@ def headline(metrics: dict) -> str:
     prompts = f"{int(m['num_prompts'])} held-out prompts" if "num_prompts" in m else "held-out prompts"
     at_kl = f"at {_nats(kl)} nats of KL" if kl_known else "at an unknown KL"
     if hack:
-        parts = [f"{100 * m['ended_with_eos_policy']:.0f}% of its responses end with an end token"
+        parts = [f"{100 * m['ended_with_eos_policy']:.1f}% of its responses end with an end token"
                  if "ended_with_eos_policy" in m else "",
                  f"mean length {m['response_length_policy']:.1f} tokens vs {m['response_length_sft']:.1f} for SFT"
                  if "response_length_policy" in m and "response_length_sft" in m else "",

@@ -56,10 +56,14 @@ def test_headline_length_hack_says_the_win_is_length():
                 win_rate_vs_sft_length_controlled_ci=[0.40, 0.57], ended_with_eos_policy=0.42,
                 response_length_policy=47.8, response_length_sft=21.3)
     assert length_hack(m)
-    assert headline(m) == ("PPO's win under the training RM (0.81 [0.73, 0.87]) comes from length, not quality: 42% "
+    assert headline(m) == ("PPO's win under the training RM (0.81 [0.73, 0.87]) comes from length, not quality: 42.0% "
                            "of its responses end with an end token, mean length 47.8 tokens vs 21.3 for SFT, "
                            "length-controlled win rate 0.48 [0.40, 0.57].")
     assert not headline(m).startswith("PPO beats SFT")
+    # a policy just under the 90% end-token rule is not printed as "90%" (one decimal)
+    short = metrics(win_rate_vs_sft_ci=[0.66, 0.81], ended_with_eos_policy=0.8984375, response_length_policy=20.1,
+                    response_length_sft=35.1)
+    assert length_hack(short) and "89.8% of its responses end with an end token" in headline(short)
     # the flag as run_evaluate stored it wins over a recomputation
     assert headline(metrics(length_hack=1.0)).startswith("PPO's win under the training RM (0.69 [0.60, 0.76]) comes "
                                                          "from length")

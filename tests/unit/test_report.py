@@ -8,7 +8,7 @@ import re
 
 from rlhf_pipeline.tasks.report import write_html_report
 
-HEADLINE = ("PPO's win under the training RM (0.81 [0.73, 0.87]) comes from length, not quality: 42% of its responses "
+HEADLINE = ("PPO's win under the training RM (0.81 [0.73, 0.87]) comes from length, not quality: 42.0% of its responses "
             "end with an end token, mean length 47.8 tokens vs 21.3 for SFT, length-controlled win rate 0.48 "
             "[0.40, 0.57] <&>.")
 
