@@ -94,6 +94,31 @@ def _judge_verdict(informative: bool, over: bool, accuracy_ci, baseline) -> str:
 
 LENGTH_HACK_MIN_EOS = 0.9  # fewer of the policy's responses than this ending with an end token: a length hack
 LENGTH_HACK_MAX_RATIO = 1.3  # the policy's mean length above this many times SFT's: a length hack
+MODE_COLLAPSE_MIN_SHARE = 0.25  # one response text making up at least this share of the policy's: mode collapse
+
+
+def response_diversity(texts: list[str]) -> tuple[float, float, str]:
+    """How varied sampled responses are: ``(distinct share, share of the most common text, that text)``, shares of
+    ``len(texts)`` in [0, 1]; the texts are compared whole and exactly. ``(nan, nan, "")`` for no texts."""
+    if not texts:
+        return float("nan"), float("nan"), ""
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[text] = counts.get(text, 0) + 1
+    common = max(counts, key=lambda t: (counts[t], -texts.index(t)))  # ties: the first sampled
+    return len(counts) / len(texts), counts[common] / len(texts), common
+
+
+def mode_collapse(metrics: dict) -> bool:
+    """Whether the policy collapsed onto one reply: the raw win rate's interval lies above 0.5 and one response text
+    makes up at least ``MODE_COLLAPSE_MIN_SHARE`` of the policy's responses (``most_common_response_share_policy``)
+    and more than SFT's most common does. A reward model that rewards one safe reply (an evasive refusal, an empty
+    answer) above everything SFT says is hacked this way; neither the length rules nor the judge of the same data
+    need see it. A missing figure does not count as evidence."""
+    share, sft_share = metrics.get("most_common_response_share_policy"), metrics.get("most_common_response_share_sft")
+    if share is None or not metrics["win_rate_vs_sft_ci"][0] > 0.5:
+        return False
+    return bool(share >= MODE_COLLAPSE_MIN_SHARE and (sft_share is None or share > sft_share))
 
 
 def length_hack(metrics: dict) -> bool:
@@ -130,8 +155,10 @@ def headline(metrics: dict) -> str:
     """One sentence a user can act on: did PPO beat SFT, and if not, why.
 
     The lead figure is the judge's win rate when the judge is informative (``judge_informative``), else the training
-    RM's. "PPO beats SFT" only when the lead interval's lower end is above 0.5, there is no length hack
-    (:func:`length_hack`) and no over-optimisation flag. A length hack says the win comes from length and gives the
+    RM's. "PPO beats SFT" only when the lead interval's lower end is above 0.5, there is no mode collapse
+    (:func:`mode_collapse`), no length hack (:func:`length_hack`) and no over-optimisation flag. Mode collapse says the
+    win comes from one repeated reply and gives its share, the reply, the distinct shares and the KL. A length hack
+    says the win comes from length and gives the
     policy's end-token fraction, both mean lengths and the length-controlled win rate; over-optimisation says the
     judge disagrees with the training RM; otherwise "No measurable gain over SFT" with the reasons: the lead interval
     (it includes 0.5 or lies below it), a KL to SFT under 1 nat (the policy barely moved), a judge that carries no
@@ -146,6 +173,7 @@ def headline(metrics: dict) -> str:
     has_judge = "win_rate_vs_sft_judge" in m
     informative = has_judge and bool(m.get("judge_informative"))
     hack = bool(m["length_hack"]) if "length_hack" in m else length_hack(m)
+    collapsed = bool(m["mode_collapse"]) if "mode_collapse" in m else mode_collapse(m)
     over = bool(m.get("over_optimisation"))
     kl = m.get("kl_to_sft")
     kl_known = isinstance(kl, (int, float)) and math.isfinite(kl)
@@ -155,6 +183,14 @@ def headline(metrics: dict) -> str:
                 "" if has_judge else "no judge to check it")
     prompts = f"{int(m['num_prompts'])} held-out prompts" if "num_prompts" in m else "held-out prompts"
     at_kl = f"at {_nats(kl)} nats of KL" if kl_known else "at an unknown KL"
+    if collapsed:
+        common = m.get("most_common_response_policy", "")
+        common = repr(common if len(common) <= 60 else common[:57] + "...")
+        return (f"PPO's win under the training RM ({_rate(m, 'win_rate_vs_sft')}) comes from one reply repeated "
+                f"(mode collapse): {100 * m['most_common_response_share_policy']:.1f}% of its responses are {common}, "
+                f"{100 * m.get('distinct_responses_policy', float('nan')):.1f}% are distinct "
+                f"(SFT: {100 * m.get('distinct_responses_sft', float('nan')):.1f}%), {at_kl}: the reward model rewards "
+                "that reply; raise the KL penalty or train for fewer steps.")
     if hack:
         parts = [f"{100 * m['ended_with_eos_policy']:.1f}% of its responses end with an end token"
                  if "ended_with_eos_policy" in m else "",
@@ -396,7 +432,13 @@ def run_evaluate(
         ppl_policy = perplexity(policy, tokenizer, dialogues, cfg.ppl_max_tokens, cfg.batch_size, engine)
         metrics.update(ppl_sft_heldout=ppl_sft, ppl_policy_heldout=ppl_policy,
                        alignment_tax_ppl_heldout=ppl_policy - ppl_sft)
+    for name in ("policy", "sft"):
+        distinct, share, common = response_diversity(results[name]["texts"])
+        metrics[f"distinct_responses_{name}"] = distinct
+        metrics[f"most_common_response_share_{name}"] = share
+        metrics[f"most_common_response_{name}"] = common
     metrics["length_hack"] = float(length_hack(metrics))
+    metrics["mode_collapse"] = float(mode_collapse(metrics))
     metrics["headline"] = headline(metrics)
     layout = StageDir(output_dir)
     samples = [{

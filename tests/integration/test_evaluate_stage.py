@@ -42,6 +42,9 @@ def test_a_policy_equal_to_sft_ties_every_prompt_at_zero_kl(prepared_data, tiny_
     assert m["win_rate_vs_sft"] == 0.5 and m["mean_reward_policy"] == pytest.approx(m["mean_reward_sft"], abs=1e-6)
     assert abs(m["kl_to_sft"]) < 1e-3
     assert m["response_length_policy"] == m["response_length_sft"]
+    assert m["distinct_responses_policy"] == m["distinct_responses_sft"] > 0
+    assert m["most_common_response_share_policy"] == m["most_common_response_share_sft"] >= 1 / 7
+    assert m["mode_collapse"] == 0.0 and m["length_hack"] == 0.0  # a tie is no win to explain
     samples = [json.loads(line) for line in open(result.paths["samples"])]
     prompts, _, _ = held_out_queries(config.evaluate, config.model.seed, prepared_data, load_tokenizer(tiny_model_path))
     assert [s["id"] for s in samples] == list(prompts.id)

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_pipeline.tasks.evaluate import headline, heldout_dialogues, length_hack, perplexity
+from rlhf_pipeline.tasks.evaluate import (
+    headline,
+    heldout_dialogues,
+    length_hack,
+    mode_collapse,
+    perplexity,
+    response_diversity,
+)
 
 
 def metrics(**changes) -> dict:
@@ -124,3 +131,30 @@ def test_perplexity_of_the_heldout_dialogues_is_above_one(prepared_demonstration
     texts = heldout_dialogues(prepared_demonstrations, tokenizer, limit=32)
     ppl = perplexity(model, tokenizer, texts, max_tokens=16, batch_size=2)
     assert ppl > 1.0 and ppl == ppl
+
+
+def test_response_diversity_counts_whole_texts():
+    texts = ["I don't have an answer."] * 3 + ["Sure.", "", "Sure."]
+    assert response_diversity(texts) == (3 / 6, 3 / 6, "I don't have an answer.")
+    assert response_diversity(["a", "b"]) == (1.0, 0.5, "a")  # a tie: the first sampled
+    distinct, share, text = response_diversity([])
+    assert distinct != distinct and share != share and text == ""
+
+
+def test_mode_collapse_is_one_reply_winning_and_the_headline_says_so():
+    # the 40-minute scaled demo run of 2026-12-05: 250 of 256 responses were one refusal
+    m = metrics(win_rate_vs_sft=1.0, win_rate_vs_sft_ci=[0.985, 1.0], kl_to_sft=19.49,
+                distinct_responses_policy=6 / 256, distinct_responses_sft=1.0,
+                most_common_response_share_policy=250 / 256, most_common_response_share_sft=1 / 256,
+                most_common_response_policy="I don't have an answer.")
+    assert mode_collapse(m) and not length_hack(m)
+    assert headline(m) == ("PPO's win under the training RM (1.00 [0.98, 1.00]) comes from one reply repeated (mode "
+                           "collapse): 97.7% of its responses are \"I don't have an answer.\", 2.3% are distinct (SFT: "
+                           "100.0%), at 19.5 nats of KL: the reward model rewards that reply; raise the KL penalty or "
+                           "train for fewer steps.")
+    # the 20-step demo: 16 of 128 responses empty (12.5%) is under the 25% rule; no win, or SFT as repetitive: no flag
+    assert not mode_collapse(metrics(most_common_response_share_policy=16 / 128, most_common_response_share_sft=0.01))
+    assert not mode_collapse(metrics(most_common_response_share_policy=0.5, win_rate_vs_sft_ci=[0.45, 0.6]))
+    assert not mode_collapse(metrics(most_common_response_share_policy=0.5, most_common_response_share_sft=0.5))
+    assert not mode_collapse(metrics())  # no figure, no evidence
+    assert headline(metrics()).startswith("PPO beats SFT")
