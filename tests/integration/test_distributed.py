@@ -21,24 +21,35 @@ pytestmark = pytest.mark.integration
 ATOL = 2e-5
 
 
+#: the most a weight may differ when AdamW's step flipped sign on it (2 * lr per step; the tests train at lr 1e-3 for
+#: at most 4 steps)
+FLIP_MAX = 1e-2
+
+
 def _assert_same_weights(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                          initial: dict[str, torch.Tensor]) -> None:
-    """``got`` and ``reference`` hold the same tensors up to summation order: at least 99.9% of all elements agree
-    within ATOL, and the L2 norm of the difference is below 1e-3 of the L2 norm of the update (reference - initial).
+    """``got`` and ``reference`` hold the same tensors up to summation order: at most 0.1% of all elements differ by
+    more than ATOL, and those by at most FLIP_MAX; over the others, the L2 norm of the difference is below 1e-3 of the
+    L2 norm of the update (reference - initial).
 
     Not every element within ATOL: AdamW's step is m / sqrt(v), so on an element whose gradient is ~0 a 1e-9 change
     from the summation order can flip the step's sign (a 2 * lr difference; seen on CI: one layer-norm weight of 128 off
-    by 5e-5 after 4 SFT steps). A real bug moves most elements by ~lr and fails both bounds."""
+    by 5e-5 after 4 SFT steps; and on 2026-12-05, one embedding element of 6.3 million off by 7.5e-4 after 3 reward-model
+    steps, more than 1e-3 of the whole update's norm on its own). A real bug moves most elements by ~lr and fails the
+    count and the norm."""
     assert got.keys() == reference.keys()
     outside = total = 0
-    diff_sq = update_sq = 0.0
+    diff_sq = update_sq = worst = 0.0
     for name, tensor in reference.items():
         diff = (got[name].float() - tensor.float()).abs()
-        outside += int((diff > ATOL).sum())
+        flipped = diff > ATOL
+        outside += int(flipped.sum())
         total += diff.numel()
-        diff_sq += float(diff.double().pow(2).sum())
+        worst = max(worst, float(diff.max()))
+        diff_sq += float(diff[~flipped].double().pow(2).sum())
         update_sq += float((tensor.double() - initial[name].double()).pow(2).sum())
     assert outside <= 1e-3 * total, f"{outside} of {total} weights differ by more than {ATOL}"
+    assert worst <= FLIP_MAX, f"a weight differs by {worst}, more than a flipped AdamW step"
     assert update_sq > 0 and diff_sq ** 0.5 <= 1e-3 * update_sq ** 0.5, (diff_sq ** 0.5, update_sq ** 0.5)
 
 
