@@ -39,16 +39,30 @@ def _order(page) -> list[str]:
 
 def drag(page, source: str, target: str) -> None:
     """Drag the item ``source`` onto the place of ``target`` with the mouse, in small steps (react-beautiful-dnd needs
-    a few pixels of movement before it starts a drag, and an animation after the drop)."""
-    src = page.locator(f'[data-ranker-id="{source}"]').bounding_box()
-    dst = page.locator(f'[data-ranker-id="{target}"]').bounding_box()
-    page.mouse.move(src["x"] + src["width"] / 2, src["y"] + 15)
-    page.mouse.down()
-    page.mouse.move(src["x"] + src["width"] / 2, src["y"] + 5, steps=5)
-    page.mouse.move(dst["x"] + dst["width"] / 2, dst["y"] + 5, steps=25)
-    page.wait_for_timeout(300)
-    page.mouse.up()
-    page.wait_for_timeout(700)
+    a few pixels of movement before it starts a drag, and an animation after the drop), and wait (up to 10 s) for the
+    list's order to change. A drag the page did not pick up (on a loaded machine the first moves can come before the
+    list listens) is made once more; a list that never reorders fails the caller's order check."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    before = _order(page)
+    for _ in range(2):
+        src = page.locator(f'[data-ranker-id="{source}"]').bounding_box()
+        dst = page.locator(f'[data-ranker-id="{target}"]').bounding_box()
+        page.mouse.move(src["x"] + src["width"] / 2, src["y"] + 15)
+        page.mouse.down()
+        page.mouse.move(src["x"] + src["width"] / 2, src["y"] + 5, steps=5)
+        page.mouse.move(dst["x"] + dst["width"] / 2, dst["y"] + 5, steps=25)
+        page.wait_for_timeout(300)
+        page.mouse.up()
+        try:
+            page.wait_for_function(
+                "([selector, before]) => JSON.stringify([...document.querySelectorAll(selector)]"
+                ".map(e => e.getAttribute('data-ranker-id'))) !== JSON.stringify(before)",
+                arg=[ITEMS, before], timeout=10_000)
+        except PlaywrightTimeout:
+            continue
+        page.wait_for_timeout(700)  # the drop animation
+        return
 
 
 def test_drag_a_response_submit_and_import(tmp_path, monkeypatch, tiny_model_path, label_studio):
