@@ -234,3 +234,19 @@ def first_smoke_run(tmp_path_factory, shared_data, tiny_model_path, prefect_serv
     return SimpleNamespace(root=root, project=project, incoming=incoming, uri=uri, summary=summary,
                            snapshot_uri=f"sqlite:///{root / 'mlflow-after-first-run.db'}",
                            later_rows="".join(lines[FIRST_ROWS:]))
+
+
+@pytest.fixture(scope="session")
+def random_rm(tiny_model_path, tmp_path_factory) -> str:
+    """A reward model with a random head on the tiny model and its tokenizer (seed 11): scores that differ between
+    responses, for the SFT selection and the evaluation tests."""
+    import torch
+
+    from rlhf_pipeline.models.loading import load_tokenizer
+    from rlhf_pipeline.models.reward_model import ScalarHeadModel
+
+    folder = tmp_path_factory.mktemp("random-rm") / "rm"
+    torch.manual_seed(11)
+    ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu")).save_pretrained(folder)
+    load_tokenizer(tiny_model_path).save_pretrained(folder)
+    return str(folder)

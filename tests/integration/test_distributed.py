@@ -219,19 +219,6 @@ def _sft_worker(rank: int, world_size: int, model_path: str, prepared: str, rm: 
         torch.save({"metrics": stage.metrics, "logged": logged}, result)
 
 
-@pytest.fixture(scope="module")
-def selection_rm(tiny_model_path, tmp_path_factory) -> str:
-    """A random reward model with the tiny model's tokenizer (the SFT selection criterion)."""
-    from rlhf_pipeline.models.loading import load_tokenizer
-    from rlhf_pipeline.models.reward_model import ScalarHeadModel
-
-    folder = tmp_path_factory.mktemp("selection-rm") / "rm"
-    torch.manual_seed(11)
-    ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu")).save_pretrained(folder)
-    load_tokenizer(tiny_model_path).save_pretrained(folder)
-    return str(folder)
-
-
 def _weights(out) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -256,14 +243,14 @@ def _same_sft(out, metrics: dict, reference_out, reference: dict, base: dict[str
         assert metrics[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
 
 
-def test_sft_on_two_workers_equals_one_process(tiny_model_path, prepared_data, selection_rm, tmp_path):
+def test_sft_on_two_workers_equals_one_process(tiny_model_path, prepared_data, random_rm, tmp_path):
     """``run_sft`` itself on 2 gloo workers (FSDP2) and in one process, same data: the same weights (within ATOL),
     losses, selection scores and logged curves. Then each run's checkpoint before its last step is resumed on the
     other number of workers (2 -> 1 and 1 -> 2: weights, AdamW state and the selector's best weights resharded) and
     ends where the uninterrupted runs ended."""
     model, prepared = str(tiny_model_path), str(prepared_data)
-    one, one_logged = _run_sft(model, prepared, selection_rm, str(tmp_path / "one"))
-    _spawn(_sft_worker, 2, model, prepared, selection_rm, str(tmp_path / "two"), str(tmp_path / "two.pt"))
+    one, one_logged = _run_sft(model, prepared, random_rm, str(tmp_path / "one"))
+    _spawn(_sft_worker, 2, model, prepared, random_rm, str(tmp_path / "two"), str(tmp_path / "two.pt"))
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert (one.metrics["workers"], two["metrics"]["workers"]) == (1.0, 2.0)
     assert one.metrics["steps"] == 4.0 and one.metrics["selection"] == "mean_rm_score"
@@ -290,9 +277,9 @@ def test_sft_on_two_workers_equals_one_process(tiny_model_path, prepared_data, s
         shutil.rmtree(out / "checkpoints" / "step-000004")
         shutil.rmtree(out / "model")
         if resume_on == 1:
-            metrics = _run_sft(model, prepared, selection_rm, str(out))[0].metrics
+            metrics = _run_sft(model, prepared, random_rm, str(out))[0].metrics
         else:
-            _spawn(_sft_worker, 2, model, prepared, selection_rm, str(out), str(tmp_path / "resumed.pt"))
+            _spawn(_sft_worker, 2, model, prepared, random_rm, str(out), str(tmp_path / "resumed.pt"))
             metrics = torch.load(tmp_path / "resumed.pt", weights_only=True)["metrics"]
         assert metrics["resumed_from_step"] == 3.0 and metrics["workers"] == float(resume_on)
         _same_sft(out, metrics, tmp_path / "one", one.metrics, base)

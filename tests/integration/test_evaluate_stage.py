@@ -5,24 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def random_rm(tiny_model_path, tmp_path_factory) -> str:
-    """A reward model with a random head on the tiny model (scores that differ between responses)."""
-    from rlhf_pipeline.models.loading import load_tokenizer
-    from rlhf_pipeline.models.reward_model import ScalarHeadModel
-
-    folder = tmp_path_factory.mktemp("eval-rm") / "rm"
-    torch.manual_seed(5)
-    ScalarHeadModel.from_pretrained(tiny_model_path, torch.device("cpu")).save_pretrained(folder)
-    load_tokenizer(tiny_model_path).save_pretrained(folder)
-    return str(folder)
 
 
 def test_a_policy_equal_to_sft_ties_every_prompt_at_zero_kl(prepared_data, tiny_model_path, random_rm, tmp_path):
